@@ -1,0 +1,193 @@
+"""Rollout: n sampled responses per prompt, with the sampler's own per-token log-probs.
+
+Two engines behind one interface, so train.py never asks which one it has:
+- "vllm": an in-process `vllm.LLM` on every rank (no server, no disk round trip). After each optimizer step
+  train.py hands it the full state dict gathered from FSDP2; we reload it in place and reset the prefix
+  cache (without the reset, cached prompt blocks keep the old weights' keys and values).
+- "hf": transformers `generate` on a plain, unsharded copy of the policy, refreshed from the same full state
+  dict. It is for machines without vLLM. (Generating with the FSDP2 module itself would deadlock: ranks
+  finish their sequences after different numbers of forwards, and each forward is a collective.)
+
+generate() returns, for prompt i and sample j, at index i * n + j:
+    {"token_ids": [...], "logprobs": [...], "truncated": bool}
+token_ids include the EOS token when the response ended with one (it is part of the response and of the
+loss); truncated is True when the response hit max_tokens without EOS. logprobs are those of the sampled
+tokens under softmax(logits / temperature), the same quantity train.py recomputes.
+"""
+import os
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+
+def make_engine(kind, model_path, *, dtype, device, max_model_len, seed, tp=1, kv_cache_gib=0.25,
+                gpu_memory_utilization=0.3):
+    """Build the rollout engine. Call on every rank, after torch.distributed is initialised."""
+    if kind == "vllm":
+        # In-process engine: no worker processes, so it shares this rank's process group and memory.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            import vllm
+        except ImportError as e:
+            raise SystemExit(f"--rollout vllm: vllm is not importable ({e}); install it (./setup.sh) "
+                             "or use --rollout hf") from e
+        cuda = device.type == "cuda"
+        kw = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True) if cuda else \
+            dict(kv_cache_memory_bytes=int(kv_cache_gib * 2**30))  # CPU: a fixed, small KV cache
+        if tp > 1:
+            # torchrun already started one process per GPU: vLLM forms its tensor-parallel groups from
+            # that world (consecutive ranks share a model) and runs the other ranks as data-parallel copies.
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            kw.update(tensor_parallel_size=tp, data_parallel_size=world // tp,
+                      distributed_executor_backend="external_launcher")
+        llm = vllm.LLM(model=model_path, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
+                       seed=seed, max_model_len=max_model_len, enforce_eager=not cuda,
+                       # processed = after temperature (and top-p): the distribution we sampled from.
+                       logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kw)
+        return {"kind": "vllm", "llm": llm, "tp": tp, "cuda": cuda}
+    if kind == "hf":
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        return {"kind": "hf", "model": model}
+    raise ValueError(f"unknown rollout engine {kind!r}; known: vllm, hf")
+
+
+def generate(engine, prompts, *, n, temperature, top_p, max_tokens, seed, eos_token_id, pad_token_id):
+    """Sample n responses for each prompt (a list of token-id lists). temperature 0 means greedy (n=1)."""
+    if temperature == 0 and n != 1:
+        raise ValueError("greedy decoding (temperature 0) gives n identical samples: use n=1")
+    if engine["kind"] == "vllm":
+        return _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed)
+    return _generate_hf(engine["model"], prompts, n, temperature, top_p, max_tokens, seed,
+                        eos_token_id, pad_token_id)
+
+
+def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed):
+    import vllm
+    tp = engine["tp"]
+    if tp > 1:
+        # The ranks of one tensor-parallel group run one model: they must submit the same requests.
+        # Each rank brings its own prompts; the group generates the union and each keeps its own share.
+        group = _tp_group(tp)
+        gathered = [None] * tp
+        torch.distributed.all_gather_object(gathered, prompts, group=group)
+        own = torch.distributed.get_rank() % tp
+        offset = sum(len(p) for p in gathered[:own])
+        prompts = [p for chunk in gathered for p in chunk]
+    # A seed per request makes sampling a function of (seed, weights), so a resumed run replays exactly.
+    params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                  logprobs=0, seed=seed + i * n, detokenize=False)
+              for i in range(len(prompts))]
+    outs = engine["llm"].generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    samples = []
+    for out in outs:
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            ids = list(c.token_ids)
+            samples.append({"token_ids": ids, "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, ids)],
+                            "truncated": c.finish_reason == "length"})
+    if tp > 1:
+        n_own = len(gathered[own]) * n
+        samples = samples[offset * n: offset * n + n_own]
+    return samples
+
+
+_TP_GROUPS = {}
+
+
+def _tp_group(tp):
+    """The process group of this rank's tensor-parallel peers (consecutive ranks), made once."""
+    if tp not in _TP_GROUPS:
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        for start in range(0, world, tp):  # every rank must create every group, in the same order
+            g = torch.distributed.new_group(list(range(start, start + tp)))
+            if start <= rank < start + tp:
+                _TP_GROUPS[tp] = g
+    return _TP_GROUPS[tp]
+
+
+@torch.no_grad()
+def _generate_hf(model, prompts, n, temperature, top_p, max_tokens, seed, eos_token_id, pad_token_id):
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    # Left padding, so every prompt ends where generation starts.
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    torch.manual_seed(seed)
+    greedy = temperature == 0
+    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy,
+                         temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+                         top_k=None, max_new_tokens=max_tokens, num_return_sequences=n,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         return_dict_in_generate=True, output_logits=True)
+    new = out.sequences[:, width:].cpu()
+    # output_logits are the raw logits; the trainer's log-probs are log_softmax(logits / temperature).
+    logits = torch.stack(out.logits, dim=1).float().cpu()
+    logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
+    logp = logp.gather(-1, new[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+    samples = []
+    for row, lp in zip(new.tolist(), logp.tolist()):
+        end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
+        samples.append({"token_ids": row[:end], "logprobs": lp[:end], "truncated": eos_token_id not in row})
+    return samples
+
+
+def to_batch(prompts, samples, n, pad_id, device, mask_truncated=False):
+    """Pack generate()'s output into padded tensors for the trainer.
+
+    input_ids [B, P + T]: prompt i (left-padded to P) followed by each of its n responses (right-padded to T).
+    mask [B, T]: 1.0 on the response tokens that enter the loss (EOS included; with mask_truncated, none of a
+    truncated response). valid [B, T]: 1.0 on every generated token. sampler_logp [B, T]: the engine's own
+    log-probs, kept to check them against the trainer's.
+    """
+    P = max(len(q) for q in prompts)
+    T = max(1, max(len(s["token_ids"]) for s in samples))
+    B = len(samples)
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + T), dtype=torch.long)
+    mask, valid, sampler_logp = torch.zeros((B, T)), torch.zeros((B, T)), torch.zeros((B, T))
+    for k, s in enumerate(samples):
+        q, r = prompts[k // n], s["token_ids"]
+        ids[k, P - len(q):P], attn[k, P - len(q):P] = torch.tensor(q), 1
+        if r:
+            ids[k, P:P + len(r)], attn[k, P:P + len(r)] = torch.tensor(r), 1
+            sampler_logp[k, :len(r)] = torch.tensor(s["logprobs"])
+        valid[k, :len(r)] = 1.0
+        if not (mask_truncated and s["truncated"]):
+            mask[k, :len(r)] = 1.0
+    batch = {"input_ids": ids, "attention_mask": attn,
+             # positions count real tokens only, so a left-padded prompt sits where it sat when sampled
+             "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+             "response_ids": ids[:, P:], "mask": mask, "valid": valid, "sampler_logp": sampler_logp}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sync_weights(engine, model):
+    """Copy the trainer's weights into the engine. Collective: every rank calls it after each update."""
+    # The full (unsharded) state dict on every rank: each rank runs its own engine.
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    if engine["kind"] == "hf":
+        engine["model"].load_state_dict(sd, strict=False)  # strict=False: tied lm_head may be absent
+        return
+    llm = engine["llm"]
+    if engine["cuda"]:
+        llm.wake_up(tags=["weights"])  # weights first, KV cache after, so the two never coexist with sd
+    llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(sd.items())))
+    del sd
+    if engine["cuda"]:
+        llm.wake_up(tags=["kv_cache"])
+    llm.reset_prefix_cache()
+
+
+def close(engine):
+    """Shut the vLLM engine down while the process group it shares still exists."""
+    if engine["kind"] == "vllm":
+        engine["llm"].llm_engine.engine_core.shutdown()
+
+
+def sleep(engine):
+    """On GPU, free the engine's memory (weights and KV cache) for training; sync_weights wakes it."""
+    if engine["kind"] == "vllm" and engine["cuda"]:
+        engine["llm"].sleep(level=2)  # level 2 drops the weights too: sync_weights reloads them anyway
