@@ -74,10 +74,12 @@ def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed):
         own = torch.distributed.get_rank() % tp
         offset = sum(len(p) for p in gathered[:own])
         prompts = [p for chunk in gathered for p in chunk]
-    # A seed per request makes sampling a function of (seed, weights), so a resumed run replays exactly.
-    params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                  logprobs=0, seed=seed + i * n, detokenize=False)
-              for i in range(len(prompts))]
+    # The engine runs in this process and samples with torch's default generator: seeding it makes the
+    # samples a function of (seed, weights, prompts), so a resumed run replays exactly. (Per-request seeds
+    # would do the same, but vLLM's CPU backend fails on them when a long batch is prefilled in chunks.)
+    torch.manual_seed(seed)
+    params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                 detokenize=False)
     outs = engine["llm"].generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     samples = []
     for out in outs:

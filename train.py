@@ -41,8 +41,8 @@ a("--model", default="tiny", help="a local transformers model folder, or 'tiny':
   "character-level tokenizer, built locally under OUT/tiny_model (no download)")
 a("--data", default="", help="folder with train and test files from data.py (jsonl or parquet); empty: "
   "generate small Countdown tasks into OUT/data")
-a("--algo", default="grpo", choices=["grpo", "ppo"], help="advantage estimator: group-relative (grpo) or "
-  "critic + GAE (ppo)")
+a("--algo", default="ppo", choices=["ppo", "grpo"], help="ppo: critic + GAE (TinyZero's default); grpo: "
+  "group-relative advantages, no critic")
 a("--out", default="runs/default", help="run folder: metrics.jsonl, samples/, checkpoints/")
 a("--steps", type=int, default=20, help="RL steps (one batch of prompts each)")
 a("--batch-prompts", type=int, default=8, help="prompts per step over all ranks (TinyZero: 256)")
@@ -62,7 +62,10 @@ a("--mask-truncated", action="store_true", help="leave truncated responses out o
 a("--temperature", type=float, default=1.0, help="sampling temperature; log-probs use the same")
 a("--top-p", type=float, default=1.0, help="nucleus sampling; the trainer's log-probs ignore it, so keep "
   "1.0 for exact on-policy ratios")
-a("--lr", type=float, default=1e-5, help="policy learning rate (TinyZero: 1e-6 for 3B)")
+a("--lr", type=float, default=0.0, help="policy learning rate; 0: TinyZero's 1e-6 for a given model, 5e-5 "
+  "for the built-in tiny one")
+a("--critic-lr", type=float, default=0.0, help="PPO critic learning rate; 0: TinyZero's 1e-5 for a given "
+  "model, 1e-4 for the built-in tiny one")
 a("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up, then constant")
 a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
@@ -71,8 +74,18 @@ a("--clip-high", type=float, default=0.2, help="PPO ratio clip above: ratio <= 1
 a("--loss-agg", default="token-mean", choices=list(ppo.LOSS_AGG_MODES), help="how per-token losses become "
   "one number: token-mean over the batch, seq-mean (GRPO paper), token-sum / constant (Dr. GRPO)")
 a("--no-std-scale", action="store_true", help="GRPO: do not divide advantages by the group std (Dr. GRPO)")
-a("--kl-coef", type=float, default=0.001, help="KL-to-reference coefficient; 0 skips the reference model")
+a("--kl-coef", type=float, default=0.001, help="KL-to-reference coefficient (TinyZero: 0.001); 0 skips the "
+  "reference model. PPO puts k1 in the reward, GRPO adds --kl-estimator to the loss")
 a("--kl-estimator", default="k3", choices=list(ppo.KL_ESTIMATORS), help="GRPO's KL loss estimator")
+a("--kl-ctrl", default="fixed", choices=["fixed", "adaptive"], help="PPO: keep --kl-coef, or steer it toward "
+  "--kl-target (TinyZero's kl_ctrl)")
+a("--kl-target", type=float, default=0.1, help="PPO adaptive KL: target KL per token")
+a("--kl-horizon", type=int, default=10000, help="PPO adaptive KL: horizon in samples")
+a("--entropy-coef", type=float, default=0.001, help="entropy bonus coefficient (TinyZero: 0.001); 0 skips it")
+a("--gamma", type=float, default=1.0, help="PPO GAE discount (TinyZero: 1)")
+a("--lam", type=float, default=1.0, help="PPO GAE lambda (TinyZero: 1)")
+a("--value-clip", type=float, default=0.5, help="PPO value loss: clip each value's change to this "
+  "(TinyZero's cliprange_value: 0.5)")
 a("--dtype", default="", choices=["", "float32", "bfloat16"], help="compute dtype of training and "
   "rollout; empty: bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU = autocast, fp32 master weights)")
 a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
@@ -231,8 +244,11 @@ mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) 
 autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not cuda and dtype == torch.bfloat16)
 
 
-def load_model(path, trainable):
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
+def load_model(path, trainable, critic=False):
+    if critic:  # the policy's architecture with a scalar value head, backbone from path
+        m = ppo.build_critic(path, torch.float32).to(device)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
     if trainable and args.grad_checkpointing:
         m.gradient_checkpointing_enable()
     m.config.use_cache = False
@@ -244,15 +260,27 @@ def load_model(path, trainable):
 torch.manual_seed(args.seed)
 policy = load_model(init_path, trainable=True)
 ref = load_model(model_path, trainable=False) if args.kl_coef > 0 else None
-opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup + 1)))
+critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_path, trainable=True,
+                    critic=True) if args.algo == "ppo" else None
+tiny = args.model == "tiny"
+lr, critic_lr = args.lr or (5e-5 if tiny else 1e-6), args.critic_lr or (1e-4 if tiny else 1e-5)
+opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=args.weight_decay)
+critic_opt = torch.optim.AdamW(critic.parameters(), lr=critic_lr, weight_decay=args.weight_decay) if critic else None
+warmup = lambda s: min(1.0, (s + 1) / (args.warmup + 1))  # noqa: E731
+sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, warmup) if critic else None
+kl_coef = args.kl_coef  # PPO's adaptive controller changes it
 start_step = 0
 if resume_dir:
-    osd = torch.load(os.path.join(resume_dir, "optimizer.pt"), map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(policy, opt, osd, options=StateDictOptions(full_state_dict=True))
+    for model, optim, name in ((policy, opt, "optimizer.pt"), (critic, critic_opt, "critic_optimizer.pt")):
+        if model is not None:
+            osd = torch.load(os.path.join(resume_dir, name), map_location="cpu", weights_only=False)
+            set_optimizer_state_dict(model, optim, osd, options=StateDictOptions(full_state_dict=True))
     state = torch.load(os.path.join(resume_dir, "trainer_state.pt"), weights_only=False)
     sched.load_state_dict(state["scheduler"])
-    start_step = state["step"]
+    if critic:
+        critic_sched.load_state_dict(state["critic_scheduler"])
+    start_step, kl_coef = state["step"], state["kl_coef"]
     rng = state["rng"][rank]
     torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
 
@@ -262,22 +290,28 @@ engine = rollout.make_engine(args.rollout, init_path, dtype=dtype, device=device
 
 
 def save_checkpoint(step):
-    """OUT/checkpoints/step_N: a transformers folder plus optimizer, scheduler, RNG and step.
+    """OUT/checkpoints/step_N: a transformers folder plus optimizer, scheduler, RNG, step (and critic/).
 
     Written to a temporary folder and renamed, so a crash never leaves a half checkpoint behind."""
     final = os.path.join(ckpt_root, f"step_{step}")
     tmp = final + ".tmp"
-    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    osd = get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only, in CPU memory
+    parts = [(policy, opt, tmp, "optimizer.pt")]
+    if critic:
+        parts.append((critic, critic_opt, os.path.join(tmp, "critic"), "critic_optimizer.pt"))
+    saved = [(get_model_state_dict(m, options=full), get_optimizer_state_dict(m, o, options=full), d, name)
+             for m, o, d, name in parts]
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     rngs = [None] * world
     dist.all_gather_object(rngs, rng)
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp, state_dict=sd)
+        for (sd, osd, d, name), (m, *_) in zip(saved, parts):
+            m.save_pretrained(d, state_dict=sd)
+            torch.save(osd, os.path.join(tmp, name))
         tokenizer.save_pretrained(tmp)
-        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
-        torch.save({"step": step, "scheduler": sched.state_dict(), "rng": rngs, "args": vars(args)},
+        torch.save({"step": step, "scheduler": sched.state_dict(), "rng": rngs, "kl_coef": kl_coef,
+                    "critic_scheduler": critic_sched.state_dict() if critic else None, "args": vars(args)},
                    os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -371,55 +405,105 @@ for step in bar:
                                               seed=args.seed + 10**6 * step + 10**4 * rank)
     rollout.sleep(engine)
     t1 = time.time()
-    # 2. advantages -----------------------------------------------------------------------------------------
+    # 2. log-probs and advantages -------------------------------------------------------------------------
     batch = rollout.to_batch(prompts, samples, G, pad_id, device, args.mask_truncated)
     mask = batch["mask"]
-    score_t = torch.tensor(scores, dtype=torch.float32, device=device)
-    adv, n_flat = grpo.group_advantages(score_t, G, scale_std=not args.no_std_scale)
-    batch["advantages"] = adv.unsqueeze(1).expand_as(mask).contiguous()
+    all_rows = torch.arange(len(samples))
+    P = batch["input_ids"].shape[1] - mask.shape[1]  # prompt columns
     with torch.no_grad():
-        # old log-probs: the policy that sampled, recomputed by the trainer (the sampler's own numbers are
-        # kept only to check that the two agree: a large gap means the weight sync is broken)
+        # old log-probs: the policy that sampled, recomputed by the trainer. The sampler's own numbers serve
+        # only as a check: a gap between the two means the weight sync (or the alignment) is broken.
         batch["old_logp"] = torch.cat([ppo.response_logprobs(policy, mb, args.temperature, autocast)
-                                       for mb in micro_batches(batch, torch.arange(len(samples)), args.micro_batch)])
+                                       for mb in micro_batches(batch, all_rows, args.micro_batch)])
         if ref is not None:
             batch["ref_logp"] = torch.cat([ppo.response_logprobs(ref, mb, args.temperature, autocast)
-                                           for mb in micro_batches(batch, torch.arange(len(samples)), args.micro_batch)])
+                                           for mb in micro_batches(batch, all_rows, args.micro_batch)])
+        score_t = torch.tensor(scores, dtype=torch.float32, device=device)
+        if args.algo == "grpo":
+            adv, n_flat = grpo.group_advantages(score_t, G, scale_std=not args.no_std_scale)
+            batch["advantages"] = adv.unsqueeze(1).expand_as(mask).contiguous()
+        else:
+            tc = time.time()
+            with autocast:
+                batch["values"] = torch.cat([ppo.critic_values(critic, mb["input_ids"], mb["attention_mask"], P,
+                                                               mb["position_ids"])
+                                             for mb in micro_batches(batch, all_rows, args.micro_batch)])
+            time_critic = time.time() - tc
+            # TinyZero's PPO: the KL penalty (k1) is part of the per-token reward, not of the loss
+            kl = ppo.kl_penalty(batch["old_logp"], batch["ref_logp"], "k1") if ref is not None else None
+            rollout_kl = ppo.masked_mean(kl, mask).item() if kl is not None else None
+            rew = ppo.token_rewards(score_t, mask, kl, kl_coef)
+            adv, batch["returns"] = ppo.gae(rew, batch["values"], mask, args.gamma, args.lam)
+            # whiten over the whole batch (all ranks), as TinyZero does on its single controller
+            w = allreduce_sums({"n": mask.sum().item(), "s": (adv * mask).sum().item(),
+                                "q": (adv ** 2 * mask).sum().item()})
+            mean = w["s"] / w["n"]
+            var = (w["q"] - w["n"] * mean ** 2) / max(w["n"] - 1, 1)  # unbiased, as ppo.masked_whiten
+            batch["advantages"] = (adv - mean) * (var + 1e-8) ** -0.5 * mask
+            n_flat = 0
     diff = (batch["sampler_logp"] - batch["old_logp"]).abs() * batch["valid"]
     t2 = time.time()
     # 3. update: epochs x mini-batches x micro-batches (gradient accumulation) --------------------------------
     n_local = len(samples)
     per_mini = mini // world * G  # sequences of one mini-batch on this rank
     stats_sum, n_updates = {}, 0
+
+    def add(k, v, w=1.0):
+        stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * w
+
     for epoch in range(args.epochs_per_batch):
-        perm = torch.randperm(n_local) if args.epochs_per_batch > 1 or per_mini < n_local else torch.arange(n_local)
-        for s in range(0, n_local, per_mini):
-            rows_idx = perm[s:s + per_mini]
-            # the loss is normalised over the whole mini-batch on all ranks; FSDP averages gradients over
-            # ranks, hence the factor world (see ppo.aggregate)
-            mm = mask[rows_idx]
-            local = {"token-mean": mm.sum(), "seq-mean": torch.tensor(float(len(rows_idx))),
-                     "token-sum": torch.tensor(float(len(rows_idx) * args.max_response_len))}[args.loss_agg]
-            denom = allreduce_sums({"d": local.item()})["d"] / world
+        perm = torch.randperm(n_local) if args.epochs_per_batch > 1 or per_mini < n_local else all_rows
+        for start in range(0, n_local, per_mini):
+            rows_idx = perm[start:start + per_mini]
+            # Every micro-batch's loss is its share of the loss of the whole mini-batch over all ranks: the
+            # divisor is the mini-batch's, summed over ranks, over world, since FSDP averages the gradients.
+            local = {"token-mean": mask[rows_idx].sum().item(), "seq-mean": len(rows_idx),
+                     "token-sum": len(rows_idx) * args.max_response_len}[args.loss_agg]
+            denom = allreduce_sums({"d": local})["d"] / world
             mbs = list(micro_batches(batch, rows_idx, args.micro_batch))
             for j, mb in enumerate(mbs):
-                policy.set_requires_gradient_sync(j == len(mbs) - 1)  # reduce-scatter once per mini-batch
-                logp = ppo.response_logprobs(policy, mb, args.temperature, autocast)
-                loss, st = grpo.grpo_loss(logp, mb["old_logp"], mb.get("ref_logp"), mb["advantages"][:, 0],
-                                          mb["mask"], args.clip_low, args.clip_high, args.kl_coef,
-                                          args.kl_estimator, args.loss_agg, args.max_response_len, denom)
-                loss.backward()
+                last = j == len(mbs) - 1
                 w = len(mb["mask"]) / len(rows_idx)
-                stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item()
+                policy.set_requires_gradient_sync(last)  # reduce-scatter once per mini-batch, not per micro
+                logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True)
+                if args.algo == "grpo":
+                    loss, st = grpo.grpo_loss(logp, mb["old_logp"], mb.get("ref_logp"), mb["advantages"],
+                                              mb["mask"], args.clip_low, args.clip_high, kl_coef,
+                                              args.kl_estimator, args.loss_agg, args.max_response_len, denom)
+                else:
+                    loss, st = ppo.policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], args.clip_low,
+                                               args.clip_high, args.loss_agg, args.max_response_len, denom)
+                if args.entropy_coef:  # a bonus: maximising entropy keeps exploration alive
+                    loss = loss - args.entropy_coef * ppo.aggregate(ent, mb["mask"], args.loss_agg,
+                                                                    args.max_response_len, denom)
+                loss.backward()
+                add("loss", loss.item())
+                add("entropy", ppo.masked_mean(ent.detach(), mb["mask"]), w)
                 for k, v in st.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * w
-            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
-            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-            stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + gn.item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                    add(k, v, w)
+                if critic:
+                    tc = time.time()
+                    critic.set_requires_gradient_sync(last)
+                    with autocast:
+                        values = ppo.critic_values(critic, mb["input_ids"], mb["attention_mask"], P,
+                                                   mb["position_ids"])
+                    vloss, vst = ppo.value_loss(values, mb["values"], mb["returns"], mb["mask"], args.value_clip,
+                                                args.loss_agg, denom)
+                    vloss.backward()
+                    add("value_loss", vloss.item())
+                    add("vf_clip_frac", vst["vf_clip_frac"], w)
+                    time_critic += time.time() - tc
+            for model, optim, name in ((policy, opt, "grad_norm"), (critic, critic_opt, "critic_grad_norm")):
+                if model is None:
+                    continue
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+                add(name, gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+                optim.step()
+                optim.zero_grad(set_to_none=True)
             n_updates += 1
     sched.step()
+    if critic:
+        critic_sched.step()
     t3 = time.time()
     # 4. weight sync -----------------------------------------------------------------------------------------
     rollout.sync_weights(engine, policy)
@@ -429,15 +513,25 @@ for step in bar:
     s = allreduce_sums({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
                         "len": sum(lens), "trunc": sum(x["truncated"] for x in samples), "flat": n_flat,
                         "diff_sum": diff.sum().item(), "diff_n": batch["valid"].sum().item(),
-                        **{k: v / n_updates for k, v in stats_sum.items()}})
+                        **{k: v / n_updates for k, v in stats_sum.items()},
+                        **({"v_sum": (batch["values"] * mask).sum().item(), "v_n": mask.sum().item(),
+                            "ev": ppo.explained_variance(batch["values"], batch["returns"], mask)} if critic else {}),
+                        **({"kl": rollout_kl} if critic and rollout_kl is not None else {})})
     diff_max = torch.tensor(diff.max().item(), device=device)
     dist.all_reduce(diff_max, op=dist.ReduceOp.MAX)
     m.update({"step": step + 1, "reward_mean": s["reward"] / s["n"], "acc": s["acc"] / s["n"],
               "response_len": s["len"] / s["n"], "truncated_frac": s["trunc"] / s["n"],
               "flat_group_frac": s["flat"] / (args.batch_prompts),
               "logprob_diff_max": diff_max.item(), "logprob_diff_mean": s["diff_sum"] / max(s["diff_n"], 1),
-              **{k: s[k] / world for k in stats_sum}, "lr": sched.get_last_lr()[0],
+              **{k: s[k] / world for k in stats_sum if k in s}, **({"kl": s["kl"] / world} if "kl" in s else {}),
+              "lr": sched.get_last_lr()[0],
               "time_generate": t1 - t0, "time_logprob": t2 - t1, "time_update": t3 - t2, "time_sync": t4 - t3})
+    if critic:
+        m.update({"value_mean": s["v_sum"] / max(s["v_n"], 1), "explained_var": s["ev"] / world,  # mean of ranks'
+                  "kl_coef": kl_coef,
+                  "time_critic": time_critic})
+        if args.kl_ctrl == "adaptive" and "kl" in m:
+            kl_coef = ppo.update_kl_coef(kl_coef, m["kl"], args.kl_target, args.kl_horizon, args.batch_prompts * G)
     if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
         m.update(validate(step + 1))
     if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:

@@ -1,0 +1,285 @@
+"""PPO's numerical core: masked reductions, KL estimators, GAE, clipped policy and value losses, the critic.
+
+Everything here works on response-only tensors of shape [B, T]: B sequences, T = padded response length.
+`mask` is float, 1.0 on response tokens (EOS included) and 0.0 on the right padding. Log-probs are the
+per-token log-probs of the sampled tokens, already temperature-scaled by the caller. Losses come back as
+scalars ready for .backward(); stats come back as dicts of detached 0-d tensors (call float() to log them:
+no GPU sync happens here).
+
+One PPO iteration, as train.py drives it (TinyZero's defaults in brackets):
+    values  = critic_values(critic, ids, attn, n_prompt)                  # V(s_t), before token t
+    kl      = kl_penalty(old_logp, ref_logp, 'k1')                        # KL lives in the reward [k1]
+    rewards = token_rewards(scores, mask, kl, kl_coef)                    # [kl_coef 0.001, fixed]
+    adv, ret = gae(rewards, values, mask, gamma, lam)                     # [gamma = lam = 1]
+    adv     = masked_whiten(adv, mask)
+    loss    = policy_loss(logp, old_logp, adv, mask)[0]                   # [clip 0.2, token-mean]
+              - entropy_coef * aggregate(entropy_from_logits(logits), mask, agg)   # [0.001]
+    vloss   = value_loss(new_values, values, ret, mask)[0]                # [value clip 0.5]
+GRPO (grpo.py) skips the critic and GAE and reuses policy_loss, kl_penalty and aggregate from here.
+This file imports only torch (transformers lazily, in build_critic).
+"""
+import contextlib
+import math
+
+import torch
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean", "token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+# log-ratios are clamped to this before exp(): padding positions may hold arbitrary log-probs, and
+# exp(100) * 0.0 = inf * 0 = nan would poison the loss (and its gradient) despite the mask.
+# A real token's ratio of e^20 means the run is already broken; past the clamp its gradient is 0 (as veRL).
+MAX_LOG_RATIO = 20.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masked reductions
+# ---------------------------------------------------------------------------------------------------------
+def masked_mean(x, mask, dim=None):
+    """Mean of x over positions where mask is 1. An all-padding input gives 0, not nan (count clamped to 1)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the valid tokens of the whole batch; padding positions of the output are 0.
+
+    The variance is unbiased (Bessel's n-1), as veRL's masked_whiten that TinyZero uses.
+    """
+    n = mask.sum()
+    mean = masked_mean(x, mask)
+    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1.0)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def aggregate(loss_tok, mask, mode, max_len=None, denom=None):
+    """Reduce a per-token loss [B, T] to a scalar.
+
+    'token-mean': sum over valid tokens / number of valid tokens. Long answers weigh more (DAPO, TinyZero).
+    'seq-mean':   mean over each sequence's tokens, then mean over sequences (GRPO paper). A token of a short
+                  answer weighs more than one of a long answer: the length bias Dr. GRPO points out.
+    'token-sum':  sum over valid tokens / (B * max_len), max_len = the configured max response length, a
+                  constant (Dr. GRPO): no length bias, and the scale does not depend on the batch's lengths.
+
+    denom: overrides the divisor, for gradient accumulation. When one mini-batch is split into micro-batches,
+    pass the WHOLE mini-batch's divisor to every micro-batch: its total valid tokens ('token-mean'), its number
+    of sequences ('seq-mean') or its B * max_len ('token-sum'). Each micro-batch's loss is then its share of
+    the mini-batch loss, and the sum of the micro-batch losses (and gradients) equals the full-batch value;
+    do not divide by the number of micro-batches on top.
+    """
+    total = (loss_tok * mask).sum()
+    if mode == "token-mean":
+        return total / (mask.sum().clamp(min=1.0) if denom is None else denom)
+    if mode == "seq-mean":
+        per_seq = (loss_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return per_seq.sum() / (per_seq.shape[0] if denom is None else denom)
+    if mode == "token-sum":
+        if denom is None:
+            if max_len is None:
+                raise ValueError("aggregate mode 'token-sum' needs max_len (the configured max response length) or denom")
+            denom = loss_tok.shape[0] * max_len
+        return total / denom
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {LOSS_AGG_MODES}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KL to the reference policy
+# ---------------------------------------------------------------------------------------------------------
+def kl_penalty(logp, ref_logp, estimator):
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman, "Approximating KL", 2020).
+
+    'k1' = logp - ref_logp: unbiased, high variance, can be negative per token. As a LOSS its expected gradient
+          is zero (E_pi[grad log pi] = 0), so it belongs in the REWARD (PPO's token_rewards), where the policy
+          gradient turns it into the true KL gradient. That is how TinyZero's PPO uses it.
+    'k2' = 0.5 * (logp - ref_logp)^2: biased, >= 0; as a loss its gradient is the true gradient of KL(pi||ref).
+    'k3' = exp(ref - logp) - (ref - logp) - 1: unbiased, >= 0, low variance (veRL's 'low_var_kl', GRPO's
+          default); as a loss its gradient is that of KL(ref||pi), which also pulls pi toward ref.
+    """
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    if estimator == "k3":
+        r = (-d).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # log(ref/pi), clamped only so exp() stays finite
+        return torch.exp(r) - r - 1.0
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policy: clipped surrogate and entropy
+# ---------------------------------------------------------------------------------------------------------
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, agg="token-mean", max_len=None, denom=None):
+    """PPO's clipped surrogate: per token max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)).
+
+    The max (a pessimistic bound) means: once the ratio has moved past the bound in the direction the
+    advantage rewards, the token stops contributing gradient. A larger clip_high than clip_low ("clip-higher",
+    DAPO) lets unlikely good tokens grow faster and delays entropy collapse.
+    advantages: [B, T] (GRPO broadcasts its per-sequence advantage over the tokens).
+    stats: 'clip_frac' share of valid tokens where the clipped branch was strictly larger (no gradient there),
+           'approx_kl' mean over valid tokens of old_logp - logp (k1 of KL(old || new), as veRL logs it; it
+           can be slightly negative), 'ratio_max' the largest ratio over valid tokens.
+    """
+    log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss_tok = torch.maximum(loss_unclipped, loss_clipped)
+    loss = aggregate(loss_tok, mask, agg, max_len, denom)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
+            "approx_kl": masked_mean(-log_ratio, mask),
+            "ratio_max": torch.where(mask > 0, ratio, torch.zeros_like(ratio)).max(),  # ratios are > 0
+        }
+    return loss, stats
+
+
+def entropy_from_logits(logits):
+    """Entropy [B, T] of softmax(logits [B, T, V]): logsumexp(z) - sum softmax(z) * z.
+
+    z = logits - max first: entropy is shift-invariant, and without the shift the two terms are both ~max(logits)
+    and their difference loses precision (float32 at 1000 resolves only ~6e-5). Computed in the logits' dtype:
+    pass float32 logits when bf16 precision matters.
+    """
+    z = logits - logits.max(dim=-1, keepdim=True).values.detach()
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rewards and advantages (PPO with a critic)
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def token_rewards(scores, mask, kl=None, kl_coef=0.0):
+    """Per-token reward [B, T]: -kl_coef * kl on every valid token, plus the scalar score [B] on the LAST
+    valid token of each row (the outcome reward arrives when the episode ends). Padding stays 0.
+
+    kl: per-token KL [B, T] (k1 of the rollout policy vs the reference, computed by the caller).
+    """
+    rewards = torch.zeros_like(mask, dtype=torch.float32)
+    if kl is not None and kl_coef != 0.0:
+        rewards -= kl_coef * kl.float() * mask
+    # index of the last valid token: the largest position whose mask is 1 (works for any mask shape)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * (mask > 0)).argmax(-1)
+    has_tokens = (mask.sum(-1) > 0).float()
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores.to(rewards) * has_tokens
+    return rewards
+
+
+@torch.no_grad()
+def gae(token_rewards, values, mask, gamma=1.0, lam=1.0):
+    """Generalised advantage estimation, right to left over the response tokens. Returns (advantages, returns).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t;   A_t = delta_t + gamma * lam * A_{t+1}
+    The episode ends at the last valid token, so V and A after it count as 0 (whatever the padding holds).
+    returns = advantages + values (the critic's regression target). Padding positions of both outputs are 0.
+    With gamma = lam = 1 (TinyZero) A_t = (sum of rewards from t on) - V_t. No whitening here: the caller
+    whitens the advantages with masked_whiten, as TinyZero does. Assumes right padding (a valid prefix).
+    """
+    values = values.float() * mask
+    rewards = token_rewards.float() * mask
+    T = mask.shape[1]
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # padding: resets to 0 before the last token
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Critic: value head on the policy's architecture
+# ---------------------------------------------------------------------------------------------------------
+def build_critic(model_path, dtype):
+    """The critic: the base model's transformer with a scalar value head (`score`, hidden -> 1) instead of
+    the LM head, as in veRL/TinyZero. The backbone is initialised from model_path; the value head is FRESH
+    (random, std = initializer_range), so its first values are noise: TinyZero uses a 10x higher learning
+    rate for the critic than the actor (1e-5 vs 1e-6). Dropout before the head is off (transformers would
+    default to 0.1), so values are deterministic in train mode.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification  # lazy: GRPO runs never need it
+
+    config = AutoConfig.from_pretrained(model_path, num_labels=1)
+    config.classifier_dropout = 0.0  # set on the object: Qwen2Config rejects it as a from_pretrained kwarg
+    return AutoModelForTokenClassification.from_pretrained(model_path, config=config, dtype=dtype)
+
+
+def response_logprobs(model, batch, temperature, autocast=contextlib.nullcontext(), with_entropy=False):
+    """Log-probs [B, T] of the response tokens under softmax(logits / temperature) (and entropy [B, T]).
+
+    batch is rollout.to_batch()'s: input_ids [B, P + T], prompts left-padded to P, responses right-padded
+    to T. Logits at position i predict token i + 1, so response token t (at P + t) is scored at P - 1 + t,
+    the same alignment as critic_values. autocast wraps the forward only; the softmax runs in float32.
+    """
+    T = batch["response_ids"].shape[1]
+    with autocast:
+        # logits_to_keep: only the last T + 1 positions; full-vocabulary logits of the prompt are waste.
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=T + 1, use_cache=False).logits
+    logits = logits[:, :-1].float() / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)
+    return (logp, entropy_from_logits(logits)) if with_entropy else logp
+
+
+def critic_values(critic, input_ids, attention_mask, n_prompt, position_ids=None):
+    """Values [B, T] (float32) aligned with the response tokens.
+
+    input_ids, attention_mask: [B, P + T], prompts (left-padded) in the first P = n_prompt columns, the
+    response in the last T. The critic's output at position i has seen tokens 0..i, so the value of response
+    token t (at absolute position P + t) is the output at P - 1 + t: the state BEFORE the token is emitted.
+    That is the same shift as the log-probs (logits at i predict token i + 1), so values[:, t], logp[:, t]
+    and mask[:, t] all refer to response token t.
+    position_ids default to cumsum(attention_mask) - 1, so a left-padded prompt gets the positions it had
+    when sampled unpadded; train.py must compute the policy's log-probs with the same position_ids.
+    """
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.logits[:, n_prompt - 1 : -1, 0].float()
+
+
+def value_loss(values, old_values, returns, mask, clip=0.5, agg="token-mean", denom=None):
+    """Clipped value loss (PPO2 / veRL): loss_tok = 0.5 * max((v - R)^2, (v_clipped - R)^2), where
+    v_clipped = old + clamp(v - old, -clip, clip) keeps each update's value change within `clip` of the
+    value at rollout time. stats: 'vf_clip_frac' share of valid tokens where the clipped term was larger.
+    agg and denom as in aggregate ('token-sum' needs denom = B * max_len here).
+    """
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * aggregate(torch.maximum(loss_unclipped, loss_clipped), mask, agg, denom=denom)
+    with torch.no_grad():
+        stats = {"vf_clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bookkeeping
+# ---------------------------------------------------------------------------------------------------------
+def update_kl_coef(coef, kl, target, horizon, n_steps):
+    """Adaptive KL controller (Ziegler et al. 2019, veRL/TinyZero 'adaptive'): nudge coef toward the target KL.
+
+    err = clip(kl / target - 1, -0.2, 0.2); new coef = coef * (1 + err * n_steps / horizon). n_steps is the
+    number of samples since the last update (veRL passes the batch size). TinyZero's default is 'fixed'.
+    """
+    err = min(max(float(kl) / target - 1.0, -0.2), 0.2)
+    return float(coef) * (1.0 + err * n_steps / horizon)
+
+
+@torch.no_grad()
+def explained_variance(values, returns, mask):
+    """1 - Var[R - V] / Var[R] over the valid tokens: 1 = perfect critic, 0 = no better than a constant,
+    < 0 = worse. Returns nan when Var[R] == 0 (undefined: e.g. every reward equal), so a log shows it.
+    """
+    def var(x):
+        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+    var_r = var(returns.float()).item()
+    if var_r == 0.0:
+        return math.nan
+    return 1.0 - var(returns.float() - values.float()).item() / var_r

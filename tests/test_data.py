@@ -1,0 +1,237 @@
+"""Tests for data.py: generators (checked by an independent solver), prompt texts, files, the CLI, bad input."""
+import doctest
+import json
+import os
+import re
+import sys
+from fractions import Fraction
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import rewards  # noqa: E402
+
+# TinyZero's prompt texts for numbers [44, 19, 35] and target 98, copied from its countdown.py / multiply.py.
+TZ_BASE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+    "assistant first thinks about the reasoning process in the mind and then provides the user with the answer.\n"
+    "User: Using the numbers [44, 19, 35], create an equation that equals 98. You can use basic arithmetic "
+    "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. And "
+    "return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.\n"
+    "Assistant: Let me solve this step by step.\n<think>")
+TZ_QWEN = (
+    "<|im_start|>system\nYou are a helpful assistant. You first thinks about the reasoning process in the mind "
+    "and then provides the user with the answer.<|im_end|>\n<|im_start|>user\n Using the numbers [44, 19, 35], "
+    "create an equation that equals 98. You can use basic arithmetic operations (+, -, *, /) and each number can "
+    "only be used once. Show your work in <think> </think> tags. And return the final answer in <answer> </answer> "
+    "tags, for example <answer> (1 + 2) / 3 </answer>.<|im_end|>\n<|im_start|>assistant\nLet me solve this step "
+    "by step.\n<think>")
+TZ_MULTIPLY = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+    "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> RESULT_NUMBER </answer>. User: Give me "
+    "the answer of the following equation: 123 * 45 = Assistant: Ok let me think about it.\n<think>")
+
+
+def reachable(nums):
+    """Independent brute force: every value of every expression over all of nums, integer steps only.
+    Pick two, replace them by a result, recurse (negatives allowed, division only when exact)."""
+    if len(nums) == 1:
+        return {nums[0]}
+    out = set()
+    for i in range(len(nums)):
+        for j in range(i + 1, len(nums)):
+            a, b, rest = nums[i], nums[j], nums[:i] + nums[i + 1:j] + nums[j + 1:]
+            results = {a + b, a - b, b - a, a * b}
+            results |= {a // b} if b and a % b == 0 else set()
+            results |= {b // a} if a and b % a == 0 else set()
+            for r in results:
+                out |= reachable(rest + (r,))
+    return out
+
+
+def test_countdown_tasks_solvable_in_range():
+    tasks = data.make_countdown(300, seed=1)
+    assert {len(t['numbers']) for t in tasks} == {3, 4}
+    for t in tasks:
+        assert 10 <= t['target'] <= 100 and all(1 <= x <= 99 for x in t['numbers'])
+        assert t['target'] in reachable(tuple(t['numbers'])), t
+        # the reference solution is a correct answer by the reward's rules
+        assert rewards.countdown_reward(f"<answer>{t['solution']}</answer>", t['target'], t['numbers']) == 1.0
+
+
+def test_countdown_options_determinism_and_workers(monkeypatch):
+    opts = dict(num_counts=(3,), num_range=(1, 9), target_range=(1, 20))
+    tasks = data.make_countdown(200, seed=5, **opts)
+    for t in tasks:
+        assert len(t['numbers']) == 3 and 1 <= t['target'] <= 20 and all(1 <= x <= 9 for x in t['numbers'])
+        assert t['target'] in reachable(tuple(t['numbers']))
+    assert data.make_countdown(200, seed=5, **opts) == tasks
+    assert data.make_countdown(200, seed=6, **opts) != tasks
+    monkeypatch.setattr(data, 'CHUNK', 32)  # several chunks: a pool of 2 gives the serial result
+    assert data.make_countdown(100, seed=5, workers=2, **opts) == data.make_countdown(100, seed=5, workers=1, **opts)
+
+
+def test_solve_finds_integer_solutions_only():
+    assert data.solve([8, 3, 8, 3], 24) is None  # needs the fraction 8/3
+    sol = data.solve([44, 19, 35], 98)
+    assert rewards.countdown_reward(f"<answer>{sol}</answer>", 98, [44, 19, 35]) == 1.0
+    for nums, target in [((0, 5, 7), 0), ((2, 2, 4), 0), ((6, 2, 3), 1), ((99, 98, 97), 97)]:
+        sol = data.solve(list(nums), target)
+        assert sol and Fraction(rewards.evaluate_expression(sol)) == target, (nums, target, sol)
+
+
+def test_multiply_tasks():
+    tasks = data.make_multiply(400, seed=0)  # TinyZero's mix: up to 3 digits, often fewer
+    assert all(0 <= t['a'] < 1000 and 0 <= t['b'] < 1000 and t['product'] == t['a'] * t['b'] for t in tasks)
+    assert any(t['a'] < 100 for t in tasks) and any(t['a'] >= 100 for t in tasks)
+    exact = data.make_multiply(100, seed=0, digits=(2, 4), exact=True)
+    assert all(10 <= t['a'] <= 99 and 1000 <= t['b'] <= 9999 for t in exact)
+    assert data.make_multiply(50, seed=3) == data.make_multiply(50, seed=3)
+
+
+def test_splits_never_share_a_task():
+    train, test = data.make_splits('countdown', 400, 100, seed=0, num_counts=(3,), num_range=(1, 4),
+                                   target_range=(1, 12))
+    key = lambda r: data.task_key(r['reward_model']['ground_truth'])  # noqa: E731
+    assert len(train) == 400 and len(test) == 100
+    assert not {key(r) for r in train} & {key(r) for r in test}
+    assert [r['extra_info']['index'] for r in test] == list(range(100))
+    assert {r['extra_info']['split'] for r in train} == {'train'}
+    mtrain, mtest = data.make_splits('multiply', 300, 40, seed=0, digits=(1, 1), exact=True)
+    pairs = lambda rows: {data.task_key(dict(zip('ab', map(int, re.search(r'(\d+) \* (\d+)',  # noqa: E731
+                                                                         r['prompt'][0]['content']).groups()))))
+                          for r in rows}
+    assert not pairs(mtrain) & pairs(mtest)
+
+
+def test_impossible_options_fail_fast():
+    with pytest.raises(ValueError, match="no target"):
+        data.make_countdown(5, 0, num_counts=(3,), num_range=(1, 9), target_range=(10**6, 10**6 + 5))
+    with pytest.raises(ValueError, match="draws in a row"):  # reachable, but the only task is excluded
+        data.make_countdown(5, 0, num_counts=(1,), num_range=(5, 5), target_range=(5, 5),
+                            exclude={('countdown', 5, (5,))})
+    with pytest.raises(ValueError, match="draws in a row"):  # e.g. a test set that uses up all 1x1-digit tasks
+        data.make_splits('multiply', 10, 2000, seed=0, digits=(1, 1), exact=True)
+    for bad in [dict(num_counts=(7,)), dict(num_range=(0, 9)), dict(target_range=(20, 10))]:
+        with pytest.raises(ValueError, match="countdown:"):
+            data.make_countdown(5, 0, **bad)
+    with pytest.raises(ValueError, match="digits"):
+        data.make_multiply(5, 0, digits=(0, 3))
+
+
+def test_template_texts():
+    task = {'target': 98, 'numbers': [44, 19, 35]}
+    assert data.countdown_row(task, 'base', 'train', 0)['prompt'][0]['content'] == TZ_BASE
+    assert data.countdown_row(task, 'qwen-instruct', 'train', 0)['prompt'][0]['content'] == TZ_QWEN
+    assert data.multiply_row({'a': 123, 'b': 45}, 'base', 'test', 3)['prompt'][0]['content'] == TZ_MULTIPLY
+    chat = data.countdown_row(task, 'chat', 'train', 7)
+    assert chat['prompt'] == [{'role': 'user', 'content': TZ_BASE.split('User: ')[1].split('\nAssistant')[0]}]
+    assert chat['extra_info'] == {'split': 'train', 'index': 7, 'template': 'chat', 'solution': None}
+    assert chat['reward_model'] == {'style': 'rule', 'ground_truth': {'target': 98, 'numbers': [44, 19, 35]}}
+
+    class FakeTokenizer:  # the part of a transformers tokenizer that prompt_text uses
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            assert add_generation_prompt and not tokenize
+            return ''.join(f"<|{m['role']}|>{m['content']}" for m in messages) + '<|assistant|>'
+
+    assert data.prompt_text(chat, FakeTokenizer()) == f"<|user|>{chat['prompt'][0]['content']}<|assistant|>"
+    with pytest.raises(ValueError, match="tokenizer"):
+        data.prompt_text(chat)
+    base = data.countdown_row(task, 'base', 'train', 0)
+    assert data.prompt_text(base) == data.prompt_text(base, FakeTokenizer()) == TZ_BASE
+    assert base['extra_info']['template'] == 'base'
+    with pytest.raises(ValueError, match="base, qwen-instruct, chat"):
+        data.countdown_row(task, 'llama', 'train', 0)
+    with pytest.raises(ValueError, match="base, chat"):
+        data.multiply_row({'a': 1, 'b': 2}, 'qwen-instruct', 'train', 0)
+    with pytest.raises(ValueError, match="countdown, multiply"):
+        data.make_splits('sudoku', 1, 1, 0)
+
+
+@pytest.mark.parametrize('ext', ['jsonl', 'parquet'])
+def test_round_trip(tmp_path, ext):
+    rows = [data.countdown_row(t, 'base', 'train', i) for i, t in enumerate(data.make_countdown(20, 0))]
+    data.write_rows(rows, tmp_path / f"train.{ext}")
+    assert data.load_rows(tmp_path / f"train.{ext}") == rows
+    assert data.find_split(tmp_path, 'train') == str(tmp_path / f"train.{ext}")
+    mrows = [data.multiply_row(t, 'chat', 'test', i) for i, t in enumerate(data.make_multiply(10, 0))]
+    data.write_rows(mrows, tmp_path / f"m.{ext}")
+    assert data.load_rows(tmp_path / f"m.{ext}") == mrows
+
+
+def test_tinyzero_parquet_and_raw_dataset(tmp_path):
+    pa, pq = pytest.importorskip('pyarrow'), pytest.importorskip('pyarrow.parquet')
+    # A row as TinyZero's countdown.py writes it: HF datasets' map() keeps the raw columns target and nums.
+    tz = {'target': 98, 'nums': [44, 19, 35], 'data_source': 'countdown',
+          'prompt': [{'role': 'user', 'content': TZ_BASE}], 'ability': 'math',
+          'reward_model': {'style': 'rule', 'ground_truth': {'target': 98, 'numbers': [44, 19, 35]}},
+          'extra_info': {'split': 'train', 'index': 0}}
+    pq.write_table(pa.Table.from_pylist([tz]), tmp_path / 'train.parquet')
+    (row,) = data.load_rows(tmp_path / 'train.parquet')
+    assert data.prompt_text(row) == TZ_BASE  # no extra_info.template: already-rendered text
+    assert row['reward_model']['ground_truth'] == {'target': 98, 'numbers': [44, 19, 35]}
+    assert type(row['reward_model']['ground_truth']['numbers'][0]) is int
+    assert rewards.score(row, "<answer>44 + 19 + 35</answer>") == 1.0
+    # TinyZero's multiply.py rows: data_source 'yolo/multiply-3_digit', ground truth the product
+    mz = {'num1': 123, 'num2': 45, 'result': 5535, 'data_source': 'yolo/multiply-3_digit',
+          'prompt': [{'role': 'user', 'content': TZ_MULTIPLY}], 'ability': 'math',
+          'reward_model': {'style': 'rule', 'ground_truth': 5535}, 'extra_info': {'split': 'test', 'index': 0}}
+    pq.write_table(pa.Table.from_pylist([mz]), tmp_path / 'mz.parquet')
+    (mrow,) = data.load_rows(tmp_path / 'mz.parquet')
+    assert data.prompt_text(mrow) == TZ_MULTIPLY and rewards.score(mrow, "<answer>5535</answer>") == 1.0
+    # The raw Countdown-Tasks-3to4 file: columns target and nums only
+    pq.write_table(pa.table({'target': [98, 24], 'nums': [[44, 19, 35], [8, 3, 8, 3]]}),
+                   tmp_path / 'test-00000.parquet')
+    raw = data.load_rows(tmp_path / 'test-00000.parquet')
+    assert raw[0] == data.countdown_row({'target': 98, 'numbers': [44, 19, 35]}, 'base', 'test', 0)
+    assert raw[1]['extra_info']['index'] == 1
+
+
+def test_bad_rows_name_file_row_and_problem(tmp_path):
+    good = data.countdown_row({'target': 98, 'numbers': [44, 19, 35]}, 'base', 'train', 0)
+    path = tmp_path / 'train.jsonl'
+    path.write_text(json.dumps(good) + '\n{"data_source": "countdown", oops\n')
+    with pytest.raises(ValueError, match=r"train\.jsonl: line 2: invalid JSON"):
+        data.load_rows(path)
+    cases = [({**good, 'reward_model': {'ground_truth': {'target': 98}}}, r"numbers: expected a list"),
+             ({**good, 'reward_model': {'ground_truth': {'target': '98', 'numbers': [1]}}}, r"target: expected an int"),
+             ({**good, 'data_source': 'gsm8k'}, r"not a known task \(countdown, multiply\)"),
+             ({**good, 'prompt': 'hi'}, r"prompt: expected a list"),
+             ({**good, 'extra_info': {'template': 'llama'}}, r"template 'llama' is unknown.*base, qwen-instruct"),
+             ([1, 2], r"expected an object")]
+    for bad, msg in cases:
+        path.write_text('\n' + json.dumps(good) + '\n' + json.dumps(bad) + '\n')
+        with pytest.raises(ValueError, match=r"train\.jsonl: line 3: .*" + msg):
+            data.load_rows(path)
+    with pytest.raises(ValueError, match=r"bad\.parquet: row 0: .*numbers"):
+        data.write_rows([cases[0][0]], tmp_path / 'bad.parquet')
+    with pytest.raises(ValueError, match=r"\.csv: unknown file type"):
+        data.load_rows(tmp_path / 'x.csv')
+    with pytest.raises(FileNotFoundError, match=r"valid\.jsonl and .*valid\.parquet"):
+        data.find_split(tmp_path, 'valid')
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / 'cd'
+    data.main(['countdown', '--out', str(out), '--train', '60', '--test', '12', '--seed', '3',
+               '--template', 'qwen-instruct', '--num-counts', '3', '--num-range', '1', '20'])
+    train, test = data.load_rows(out / 'train.jsonl'), data.load_rows(out / 'test.jsonl')
+    assert len(train) == 60 and len(test) == 12 and train[0]['extra_info']['template'] == 'qwen-instruct'
+    keys = lambda rows: {data.task_key(r['reward_model']['ground_truth']) for r in rows}  # noqa: E731
+    assert not keys(train) & keys(test)
+    data.main(['multiply', '--out', str(tmp_path / 'mul'), '--train', '30', '--test', '5', '--format', 'parquet'])
+    assert len(data.load_rows(data.find_split(tmp_path / 'mul', 'train'))) == 30
+    for argv, msg in [(['sudoku', '--out', 'x'], "choose from"), (['countdown', '--out', 'x', '--template', 'x'],
+                      "'base', 'qwen-instruct', 'chat'"),
+                      (['countdown', '--out', 'x', '--target-range', '5000', '6000', '--num-range', '1', '3'],
+                       "no target")]:
+        with pytest.raises(SystemExit):
+            data.main(argv)
+        assert msg in capsys.readouterr().err
+
+
+def test_doctests():
+    assert doctest.testmod(data).failed == 0

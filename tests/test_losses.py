@@ -1,0 +1,446 @@
+"""Tests of ppo.py and grpo.py against numbers worked out by hand (arithmetic in the comments).
+
+Padding positions hold deliberately absurd values (99, -100, ...) so that any leak through the mask shows.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grpo  # noqa: E402
+import ppo  # noqa: E402
+
+LN2 = math.log(2.0)  # 0.693147...
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def close(a, b, atol=1e-5):
+    a = a if isinstance(a, torch.Tensor) else torch.tensor(a)
+    b = b if isinstance(b, torch.Tensor) else torch.tensor(b)
+    return torch.allclose(a.float(), b.float(), atol=atol, rtol=0)
+
+
+# Shared padded 2x3 example: row 0 has 3 tokens, row 1 has 1 token.
+LOSS = t([[1.0, 2.0, 3.0], [4.0, 50.0, 60.0]])
+MASK = t([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPO advantages
+# ---------------------------------------------------------------------------------------------------------
+def test_group_advantages_unbiased_std_and_flat_group():
+    scores = t([1.0, 0.0, 0.1, 0.1, 0.1, 0.1, 1.0, 1.0, 0.0])
+    adv, n_flat = grpo.group_advantages(scores, group_size=3)
+    # group 1 [1, 0, 0.1]: mean 1.1/3 = 0.366667; deviations 0.633333, -0.366667, -0.266667;
+    #   squares 0.401111 + 0.134444 + 0.071111 = 0.606667; UNBIASED var 0.606667/2 = 0.303333, std 0.550757
+    #   (the biased std would be 0.449691 and give 1.408 for the first entry)
+    #   A = 0.633333/0.550758 = 1.149930, -0.366667/0.550758 = -0.665749, -0.266667/0.550758 = -0.484181
+    # group 2 [0.1, 0.1, 0.1]: flat -> exactly 0, counted
+    # group 3 [1, 1, 0]: mean 2/3; deviations 1/3, 1/3, -2/3; var (1/9+1/9+4/9)/2 = 1/3, std 0.577350
+    #   A = 0.333333/0.577351 = 0.577349, 0.577349, -1.154699
+    expected = [1.149930, -0.665749, -0.484181, 0.0, 0.0, 0.0, 0.577349, 0.577349, -1.154699]
+    assert close(adv, t(expected))
+    assert n_flat == 1
+    assert (adv[3:6] == 0.0).all()  # exactly zero, not ~1e-8/eps noise
+
+
+def test_group_advantages_without_std_dr_grpo():
+    scores = t([1.0, 0.0, 0.1, 0.1, 0.1, 0.1, 1.0, 1.0, 0.0])
+    adv, n_flat = grpo.group_advantages(scores, group_size=3, scale_std=False)
+    # only the group mean is subtracted: 1 - 0.366667, 0 - 0.366667, 0.1 - 0.366667; 0,0,0; 1 - 2/3, ...
+    expected = [0.633333, -0.366667, -0.266667, 0.0, 0.0, 0.0, 0.333333, 0.333333, -0.666667]
+    assert close(adv, t(expected))
+    assert n_flat == 1
+
+
+def test_group_advantages_all_flat_and_errors():
+    adv, n_flat = grpo.group_advantages(t([0.0, 0.0, 1.0, 1.0]), group_size=2)
+    assert n_flat == 2 and (adv == 0).all()
+    with pytest.raises(ValueError, match="divisible"):
+        grpo.group_advantages(t([1.0] * 8), group_size=3)
+    with pytest.raises(ValueError, match="group_size"):
+        grpo.group_advantages(t([1.0, 0.0]), group_size=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Aggregation and micro-batch accumulation
+# ---------------------------------------------------------------------------------------------------------
+def test_aggregate_modes_by_hand():
+    # valid tokens: row 0 -> 1, 2, 3; row 1 -> 4 (50 and 60 are padding)
+    # token-mean: (1 + 2 + 3 + 4) / 4 = 2.5
+    assert close(ppo.aggregate(LOSS, MASK, "token-mean"), 2.5)
+    # seq-mean: row means 6/3 = 2 and 4/1 = 4 -> (2 + 4) / 2 = 3.0
+    assert close(ppo.aggregate(LOSS, MASK, "seq-mean"), 3.0)
+    # token-sum with max_len 4: 10 / (B * max_len) = 10 / (2 * 4) = 1.25 (the tensor's T=3 is not used)
+    assert close(ppo.aggregate(LOSS, MASK, "token-sum", max_len=4), 1.25)
+    assert ppo.LOSS_AGG_MODES == ("token-mean", "seq-mean", "token-sum")
+    with pytest.raises(ValueError, match="token-mean"):
+        ppo.aggregate(LOSS, MASK, "seq-mean-token-sum")
+    with pytest.raises(ValueError, match="max_len"):
+        ppo.aggregate(LOSS, MASK, "token-sum")
+
+
+def test_aggregate_micro_batches_sum_to_full_batch_by_hand():
+    rows = [(LOSS[:1], MASK[:1]), (LOSS[1:], MASK[1:])]
+    # token-mean, denom = 4 valid tokens in the mini-batch: 6/4 + 4/4 = 2.5
+    # seq-mean,   denom = 2 sequences: 2/2 + 4/2 = 3.0
+    # token-sum,  denom = 2 * 4 = 8: 6/8 + 4/8 = 1.25
+    for mode, denom, full in [("token-mean", 4.0, 2.5), ("seq-mean", 2, 3.0), ("token-sum", 8, 1.25)]:
+        parts = [ppo.aggregate(lo, m, mode, denom=denom) for lo, m in rows]
+        assert close(parts[0] + parts[1], full), mode
+
+
+@pytest.mark.parametrize("mode", ppo.LOSS_AGG_MODES)
+def test_policy_loss_gradient_accumulation_equals_full_batch(mode):
+    # Invariance check (not a reference value): 4 micro-batches of 2 rows, backward on each, vs one batch.
+    g = torch.Generator().manual_seed(0)
+    B, T, max_len = 8, 6, 7
+    lengths = torch.tensor([1, 6, 3, 2, 6, 4, 5, 2])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    old = -torch.rand(B, T, generator=g) * 3
+    logp0 = old + 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+
+    full = logp0.clone().requires_grad_()
+    loss_full, _ = ppo.policy_loss(full, old, adv, mask, 0.2, 0.28, mode, max_len)
+    loss_full.backward()
+
+    denom = {"token-mean": mask.sum(), "seq-mean": B, "token-sum": B * max_len}[mode]
+    micro = logp0.clone().requires_grad_()
+    total = 0.0
+    for i in range(0, B, 2):
+        s = slice(i, i + 2)
+        part, _ = ppo.policy_loss(micro[s], old[s], adv[s], mask[s], 0.2, 0.28, mode, max_len, denom=denom)
+        part.backward()
+        total += part.item()
+    assert abs(total - loss_full.item()) < 1e-6
+    assert torch.allclose(micro.grad, full.grad, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Clipped policy loss
+# ---------------------------------------------------------------------------------------------------------
+def test_policy_loss_clipping_by_hand():
+    # Five tokens (row 0: a b c, row 1: d e, then a padding token with an absurd log-ratio of +100).
+    # clip_low = 0.2, clip_high = 0.28 -> ratio clipped to [0.8, 1.28].
+    #   a: ratio 1.5, A=+1: max(-1.5, -1.28) = -1.28  clipped branch (no gradient)
+    #   b: ratio 1.5, A=-1: max( 1.5,  1.28) =  1.5   unclipped (the pessimistic side keeps the gradient)
+    #   c: ratio 0.5, A=+1: max(-0.5, -0.8)  = -0.5   unclipped
+    #   d: ratio 0.5, A=-1: max( 0.5,  0.8)  =  0.8   clipped branch (no gradient)
+    #   e: ratio 1.1, A=+2: inside the range        = -2.2
+    # token-mean: (-1.28 + 1.5 - 0.5 + 0.8 - 2.2) / 5 = -1.68 / 5 = -0.336; clip_frac 2/5 = 0.4
+    ratios = [[1.5, 1.5, 0.5], [0.5, 1.1, 1.0]]
+    old = t([[-1.0, -2.0, -0.5], [-3.0, -1.5, -100.0]])
+    logp = (old + torch.log(t(ratios))).detach()
+    logp[1, 2] = 0.0  # padding: log-ratio +100, exp() would overflow without the clamp
+    logp.requires_grad_()
+    adv = t([[1.0, -1.0, 1.0], [-1.0, 2.0, 5.0]])
+    mask = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    loss, stats = ppo.policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    assert close(loss, -0.336)
+    assert close(stats["clip_frac"], 0.4)
+    assert close(stats["ratio_max"], 1.5)  # the padding's huge ratio is ignored
+    # approx_kl = mean(old - logp) = -(ln1.5 + ln1.5 + ln0.5 + ln0.5 + ln1.1) / 5
+    #           = -(0.405465 * 2 - 0.693147 * 2 + 0.095310) / 5 = 0.480054 / 5 = 0.096011
+    assert close(stats["approx_kl"], 0.096011)
+    loss.backward()
+    # d loss / d logp = -A * ratio / 5 on unclipped tokens: b: 1.5/5 = 0.3; c: -0.5/5 = -0.1; e: -2.2/5 = -0.44
+    assert close(logp.grad, t([[0.0, 0.3, -0.1], [0.0, -0.44, 0.0]]))
+    assert torch.isfinite(logp.grad).all()
+
+
+def test_policy_loss_symmetric_default_clip():
+    # ratio 1.25 with A=+1: default clip 0.2 caps it at 1.2 -> loss -1.2, clipped; ratio 0.75, A=-1 -> 0.8
+    logp = torch.log(t([[1.25, 0.75]]))
+    loss, stats = ppo.policy_loss(logp, torch.zeros(1, 2), t([[1.0, -1.0]]), torch.ones(1, 2))
+    assert close(loss, (-1.2 + 0.8) / 2)
+    assert close(stats["clip_frac"], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KL estimators
+# ---------------------------------------------------------------------------------------------------------
+def test_kl_estimators_by_hand():
+    # token 1: pi = 0.5, ref = 0.25; token 2: pi = 0.25, ref = 0.5
+    logp = torch.log(t([[0.5, 0.25]]))
+    ref = torch.log(t([[0.25, 0.5]]))
+    # k1 = logp - ref = ln2, -ln2 (negative for one sample: only its expectation is a KL)
+    assert close(ppo.kl_penalty(logp, ref, "k1"), t([[LN2, -LN2]]))
+    # k2 = 0.5 * (+-ln2)^2 = 0.5 * 0.480453 = 0.240227 for both
+    assert close(ppo.kl_penalty(logp, ref, "k2"), t([[0.240227, 0.240227]]))
+    # k3 = ref/pi - ln(ref/pi) - 1: 0.5 - ln0.5 - 1 = 0.193147;  2 - ln2 - 1 = 0.306853
+    assert close(ppo.kl_penalty(logp, ref, "k3"), t([[0.193147, 0.306853]]))
+    assert ppo.kl_penalty(logp, logp, "k3").abs().max() == 0  # zero when the policies agree
+    assert ppo.KL_ESTIMATORS == ("k1", "k2", "k3")
+    with pytest.raises(ValueError, match="k3"):
+        ppo.kl_penalty(logp, ref, "low_var_kl")
+
+
+def test_kl_estimators_expectation_under_pi():
+    # pi = [0.5, 0.25, 0.25], ref = [0.25, 0.5, 0.25]; true KL(pi||ref) = 0.5 ln2 + 0.25 ln0.5 + 0 = 0.25 ln2
+    # = 0.173287. k1 and k3 are unbiased: E_pi = 0.173287. k2 is biased: 0.5 * (0.5 + 0.25) * ln2^2 = 0.180170
+    pi = t([0.5, 0.25, 0.25])
+    logp, ref = torch.log(pi)[None], torch.log(t([0.25, 0.5, 0.25]))[None]
+    for est, want in [("k1", 0.173287), ("k2", 0.180170), ("k3", 0.173287)]:
+        assert close((pi * ppo.kl_penalty(logp, ref, est)[0]).sum(), want), est
+
+
+def _true_kl(logits, ref_logits):
+    lp, lq = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+    return (lp.exp() * (lp - lq)).sum().item()
+
+
+REF_LOGITS = t([0.5, 1.0, -0.5, 0.0])
+INIT_LOGITS = t([2.0, -1.0, 0.5, 0.0])
+
+
+def _sgd_toward_ref(loss_fn, steps=25, lr=1.0, n=4096):
+    """SGD on one position's logits; each step samples n tokens from the current policy (on-policy)."""
+    g = torch.Generator().manual_seed(0)
+    logits = INIT_LOGITS.clone().requires_grad_()
+    opt = torch.optim.SGD([logits], lr=lr)
+    ref_logp_all = torch.log_softmax(REF_LOGITS, -1)
+    for _ in range(steps):
+        tokens = torch.multinomial(torch.softmax(logits.detach(), -1), n, replacement=True, generator=g)
+        logp = torch.log_softmax(logits, -1)[tokens][:, None]  # [n, 1]: n one-token responses
+        loss = loss_fn(logp, ref_logp_all[tokens][:, None], torch.ones(n, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return _true_kl(logits.detach(), REF_LOGITS)
+
+
+@pytest.mark.parametrize("est", ["k2", "k3"])
+def test_kl_loss_pulls_policy_toward_reference(est):
+    # Only the KL term: zero advantages, kl_coef 1. KL(pi||ref) starts at 0.598 and must fall tenfold.
+    kl0 = _true_kl(INIT_LOGITS, REF_LOGITS)
+
+    def loss_fn(logp, ref_logp, mask):
+        zeros = torch.zeros(logp.shape[0])
+        return grpo.grpo_loss(logp, logp.detach(), ref_logp, zeros, mask, 0.2, 0.2, kl_coef=1.0, kl_estimator=est)[0]
+
+    kl_end = _sgd_toward_ref(loss_fn)
+    assert kl0 > 0.5 and kl_end < 0.1 * kl0, (kl0, kl_end)
+    # with the sign flipped (TinyZero's veRL bug) the same steps push the policy away
+    kl_bug = _sgd_toward_ref(lambda lp, rl, m: -loss_fn(lp, rl, m), steps=5)
+    assert kl_bug > kl0
+
+
+def test_k1_as_loss_has_zero_expected_gradient_but_works_as_reward():
+    # As a loss, d/dtheta E_pi[k1] taken pathwise = E_pi[grad log pi] = sum_a grad pi(a) = 0: k1 must go in the
+    # reward. Exact expectation over the 4 tokens, pi held fixed as weights:
+    logits = INIT_LOGITS.clone().requires_grad_()
+    logp = torch.log_softmax(logits, -1)
+    ref = torch.log_softmax(REF_LOGITS, -1)
+    (logp.exp().detach() * ppo.kl_penalty(logp, ref, "k1")).sum().backward()
+    assert logits.grad.abs().max() < 1e-6
+    # ... and on samples it only adds noise: 25 SGD steps leave KL(pi||ref) where it was (0.598 -> ~0.605)
+    kl0 = _true_kl(INIT_LOGITS, REF_LOGITS)
+    zeros = torch.zeros(4096)
+    kl_end = _sgd_toward_ref(lambda lp, rl, m: grpo.grpo_loss(lp, lp.detach(), rl, zeros, m, 0.2, 0.2, 1.0, "k1")[0])
+    assert kl_end > 0.9 * kl0
+
+    # As a reward (PPO): r = -kl_coef * k1 on each token, critic values 0, GAE -> A = r, policy gradient:
+    # E_pi[-r grad log pi] = E_pi[(log pi - log ref) grad log pi] = grad KL(pi||ref).
+
+    def loss_fn(logp, ref_logp, mask):
+        kl = ppo.kl_penalty(logp.detach(), ref_logp, "k1")
+        rewards = ppo.token_rewards(torch.zeros(logp.shape[0]), mask, kl, kl_coef=1.0)
+        adv, _ = ppo.gae(rewards, torch.zeros_like(rewards), mask)
+        return ppo.policy_loss(logp, logp.detach(), adv, mask)[0]
+
+    kl_end = _sgd_toward_ref(loss_fn)
+    assert kl_end < 0.1 * kl0, (kl0, kl_end)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPO loss
+# ---------------------------------------------------------------------------------------------------------
+def test_grpo_loss_adds_kl_by_hand():
+    mask = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    logp = t([[-1.0, -2.0, -0.5], [-0.7, -1.2, 0.0]])
+    ref = logp - t([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])  # k1 = logp - ref = these numbers
+    adv = t([1.0, -0.5])  # per sequence
+    loss, stats = grpo.grpo_loss(logp, logp, ref, adv, mask, 0.2, 0.2, kl_coef=0.1, kl_estimator="k1")
+    # ratio 1 everywhere -> per-token loss -A: row 0: -1, -1, -1; row 1: 0.5, 0.5 -> (-3 + 1) / 5 = -0.4
+    # KL (k1) mean over 5 valid tokens: (0.1 + 0.2 + 0.3 + 0.4 + 0.5) / 5 = 0.3 (the 9 is padding)
+    # loss = -0.4 + 0.1 * 0.3 = -0.37  (ADDED)
+    assert close(loss, -0.37)
+    assert close(stats["kl"], 0.3)
+    assert close(stats["pg_loss"], -0.4)
+    assert set(stats) >= {"clip_frac", "approx_kl", "ratio_max", "pg_loss", "kl"}
+    # no reference needed without KL
+    loss0, stats0 = grpo.grpo_loss(logp, logp, None, adv, mask, 0.2, 0.2, kl_coef=0.0)
+    assert close(loss0, -0.4) and "kl" not in stats0
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo.grpo_loss(logp, logp, None, adv, mask, 0.2, 0.2, kl_coef=0.1)
+
+
+def test_grpo_loss_seq_mean_and_token_sum_by_hand():
+    mask = t([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    logp = torch.zeros(2, 3)
+    ref = logp - t([[0.3, 0.3, 0.6], [0.9, 0.0, 0.0]])  # k1 values
+    adv = t([2.0, -1.0])
+    # seq-mean: pg rows -2 and +1 -> (-2 + 1)/2 = -0.5; kl rows 1.2/3 = 0.4 and 0.9 -> 0.65; -0.5 + 0.1*0.65
+    loss, _ = grpo.grpo_loss(logp, logp, ref, adv, mask, 0.2, 0.2, 0.1, "k1", agg="seq-mean")
+    assert close(loss, -0.435)
+    # token-sum, max_len 5: pg (-6 + 1)/10 = -0.5; kl (1.2 + 0.9)/10 = 0.21 -> -0.5 + 0.021 = -0.479
+    loss, _ = grpo.grpo_loss(logp, logp, ref, adv, mask, 0.2, 0.2, 0.1, "k1", agg="token-sum", max_len=5)
+    assert close(loss, -0.479)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PPO pieces: rewards, GAE, whitening, value loss, KL controller, explained variance, entropy
+# ---------------------------------------------------------------------------------------------------------
+def test_token_rewards_by_hand():
+    mask = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    kl = t([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])
+    r = ppo.token_rewards(t([1.0, 0.1]), mask, kl, kl_coef=0.5)
+    # -0.5 * kl everywhere valid, score on the last valid token: row 0: -0.05, -0.1, -0.15 + 1 = 0.85
+    # row 1: -0.2, -0.25 + 0.1 = -0.15, padding 0
+    assert close(r, t([[-0.05, -0.1, 0.85], [-0.2, -0.15, 0.0]]))
+    assert close(ppo.token_rewards(t([1.0, 0.1]), mask), t([[0, 0, 1.0], [0, 0.1, 0]]))
+
+
+GAE_MASK = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+GAE_REWARDS = t([[0.0, 0.0, 1.0], [0.0, 0.5, 7.0]])  # 7.0 is padding garbage
+GAE_VALUES = t([[0.5, 0.6, 0.7], [0.2, 0.4, 9.0]])  # 9.0 is padding garbage: must count as 0
+
+
+def test_gae_gamma_lambda_one_by_hand():
+    adv, ret = ppo.gae(GAE_REWARDS, GAE_VALUES, GAE_MASK, gamma=1.0, lam=1.0)
+    # gamma = lam = 1: A_t = (rewards from t on) - V_t.
+    # row 0: returns 1, 1, 1 -> A = 1-0.5, 1-0.6, 1-0.7 = 0.5, 0.4, 0.3
+    # row 1: returns 0.5, 0.5 -> A = 0.5-0.2, 0.5-0.4 = 0.3, 0.1; padding 0
+    assert close(adv, t([[0.5, 0.4, 0.3], [0.3, 0.1, 0.0]]))
+    assert close(ret, t([[1.0, 1.0, 1.0], [0.5, 0.5, 0.0]]))
+
+
+def test_gae_discounted_by_hand():
+    adv, ret = ppo.gae(GAE_REWARDS, GAE_VALUES, GAE_MASK, gamma=0.9, lam=0.8)
+    # gamma * lam = 0.72. delta_t = r_t + 0.9 * V_{t+1} - V_t, V after the last valid token = 0.
+    # row 0: t=2: delta = 1 + 0 - 0.7 = 0.3                 A2 = 0.3
+    #        t=1: delta = 0 + 0.9*0.7 - 0.6 = 0.03          A1 = 0.03 + 0.72*0.3   = 0.246
+    #        t=0: delta = 0 + 0.9*0.6 - 0.5 = 0.04          A0 = 0.04 + 0.72*0.246 = 0.21712
+    #        returns = A + V = 0.71712, 0.846, 1.0
+    # row 1: t=2 padding: 0
+    #        t=1: delta = 0.5 + 0.9*0 - 0.4 = 0.1 (not 0.9*9) A1 = 0.1
+    #        t=0: delta = 0 + 0.9*0.4 - 0.2 = 0.16          A0 = 0.16 + 0.72*0.1 = 0.232
+    #        returns = 0.432, 0.5, 0
+    assert close(adv, t([[0.21712, 0.246, 0.3], [0.232, 0.1, 0.0]]))
+    assert close(ret, t([[0.71712, 0.846, 1.0], [0.432, 0.5, 0.0]]))
+
+
+def test_masked_whiten_and_mean_by_hand():
+    x = t([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
+    mask = t([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # valid 1, 2, 3, 4: mean 2.5; squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5; unbiased var 5/3,
+    # std 1.290994 -> -1.5/1.290994 = -1.161895, -0.5/1.290994 = -0.387298, ...; padding -> 0
+    w = ppo.masked_whiten(x, mask)
+    assert close(w, t([[-1.161895, -0.387298, 0.387298], [1.161895, 0.0, 0.0]]))
+    assert close(ppo.masked_mean(x, mask), 2.5)
+    assert close(ppo.masked_mean(x, mask, dim=-1), t([2.0, 4.0]))
+    assert ppo.masked_mean(x, torch.zeros_like(mask)) == 0  # empty mask: 0, not nan
+
+
+def test_value_loss_clipping_by_hand():
+    # clip 0.5; v_clipped = old + clamp(v - old, -0.5, 0.5)
+    #   1: old 0, v  1.0, R  1: v_clip  0.5; (v-R)^2 = 0,    (vc-R)^2 = 0.25 -> 0.25 clipped branch
+    #   2: old 0, v  0.2, R  1: v_clip  0.2; 0.64 and 0.64 (equal)           -> 0.64 not counted
+    #   3: old 0, v -1.0, R  0: v_clip -0.5; 1.0 and 0.25                    -> 1.0  unclipped
+    #   4: old 0, v -1.0, R -1: v_clip -0.5; 0 and 0.25                      -> 0.25 clipped branch
+    # loss = 0.5 * (0.25 + 0.64 + 1.0 + 0.25) / 4 = 0.5 * 2.14 / 4 = 0.2675; vf_clip_frac = 2/4
+    v = t([[1.0, 0.2], [-1.0, -1.0], [5.0, 5.0]]).requires_grad_()  # last row is padding
+    old = t([[0.0, 0.0], [0.0, 0.0], [-5.0, -5.0]])
+    ret = t([[1.0, 1.0], [0.0, -1.0], [0.0, 0.0]])
+    mask = t([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    loss, stats = ppo.value_loss(v, old, ret, mask, clip=0.5)
+    assert close(loss, 0.2675)
+    assert close(stats["vf_clip_frac"], 0.5)
+    loss.backward()
+    # gradient 0.5 * 2 (v - R) / 4 on unclipped tokens: token 2: -0.8/4 = -0.2; token 3: -1/4 = -0.25
+    assert close(v.grad, t([[0.0, -0.2], [-0.25, 0.0], [0.0, 0.0]]))
+
+
+def test_update_kl_coef_by_hand():
+    # target 6, horizon 10000, n_steps 256 -> step scale 256/10000 = 0.0256
+    # kl 3:   err = 3/6 - 1 = -0.5 -> clipped to -0.2: 0.1 * (1 - 0.2*0.0256) = 0.1 * 0.99488 = 0.099488
+    # kl 6.6: err = 0.1:               0.1 * (1 + 0.1*0.0256) = 0.1 * 1.00256 = 0.100256
+    # kl 100: err = 15.67 -> 0.2:      0.1 * (1 + 0.2*0.0256) = 0.100512
+    for kl, want in [(3.0, 0.099488), (6.6, 0.100256), (100.0, 0.100512), (6.0, 0.1)]:
+        got = ppo.update_kl_coef(0.1, kl, target=6.0, horizon=10000, n_steps=256)
+        assert isinstance(got, float) and abs(got - want) < 1e-9, (kl, got)
+
+
+def test_explained_variance_by_hand():
+    mask = t([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    ret = t([[1.0, 2.0], [3.0, 4.0], [50.0, -50.0]])
+    val = t([[1.0, 2.0], [3.0, 3.0], [0.0, 0.0]])
+    # R - V = 0, 0, 0, 1: mean 0.25, var (3*0.0625 + 0.5625)/4 = 0.1875; Var[R] = (2.25+0.25+0.25+2.25)/4 = 1.25
+    # EV = 1 - 0.1875/1.25 = 0.85
+    assert abs(ppo.explained_variance(val, ret, mask) - 0.85) < 1e-6
+    assert ppo.explained_variance(val, ret, mask) == pytest.approx(0.85)
+    assert ppo.explained_variance(ret, ret, mask) == pytest.approx(1.0)
+    assert math.isnan(ppo.explained_variance(val, torch.ones(3, 2), mask))  # Var[R] = 0: undefined
+
+
+def test_entropy_from_logits_by_hand():
+    # probs 0.5, 0.25, 0.25 (logits ln2, 0, 0, any shift): H = 0.5 ln2 + 2 * 0.25 ln4 = 1.5 ln2 = 1.039721
+    # uniform over 4: ln4 = 1.386294; a one-hot-like [1000, 0]: ~0 and finite
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0] = t([LN2, 0.0, 0.0, -1e9]) + 1000.0
+    logits[0, 2] = t([1000.0, 0.0, 0.0, 0.0])
+    h = ppo.entropy_from_logits(logits)
+    assert close(h, t([[1.039721, 1.386294, 0.0]]))
+    assert torch.isfinite(h).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Critic
+# ---------------------------------------------------------------------------------------------------------
+def test_critic_from_tiny_qwen2(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=100, max_position_embeddings=128)
+    policy = Qwen2ForCausalLM(cfg)
+    policy.save_pretrained(tmp_path)
+    critic = ppo.build_critic(str(tmp_path), torch.float32)
+
+    # backbone identical to the policy's, plus a fresh scalar head
+    pol_sd, cri_sd = policy.state_dict(), critic.state_dict()
+    backbone = [k for k in pol_sd if k.startswith("model.")]
+    assert backbone and all(torch.equal(pol_sd[k], cri_sd[k]) for k in backbone)
+    assert critic.score.weight.shape == (1, 64)
+    assert critic.dropout.p == 0.0
+
+    P, T = 4, 5
+    ids = torch.randint(1, 100, (2, P + T))
+    attn = torch.ones(2, P + T, dtype=torch.long)
+    critic.train()  # value-head dropout is off: train mode is deterministic
+    v = ppo.critic_values(critic, ids, attn, P)
+    assert v.shape == (2, T) and v.dtype == torch.float32
+    assert torch.equal(v, ppo.critic_values(critic, ids, attn, P))
+    critic.eval()
+    with torch.no_grad():
+        v = ppo.critic_values(critic, ids, attn, P)
+        raw = critic(input_ids=ids, attention_mask=attn).logits[..., 0]
+        assert torch.allclose(v, raw[:, P - 1 : P + T - 1])
+        # alignment: value of response token t must not see token t. Changing response token 2 (absolute P+2)
+        # leaves values[:, :3] (states before tokens 0, 1, 2) unchanged and changes values[:, 3:].
+        ids2 = ids.clone()
+        ids2[:, P + 2] = (ids2[:, P + 2] % 99) + 1
+        v2 = ppo.critic_values(critic, ids2, attn, P)
+        assert torch.allclose(v[:, :3], v2[:, :3], atol=1e-6)
+        assert not torch.allclose(v[:, 3:], v2[:, 3:], atol=1e-6)
+        # a left-padded prompt gets the same values as the unpadded one (position_ids from attention_mask)
+        pad_ids = torch.cat([torch.zeros(2, 2, dtype=torch.long), ids], 1)
+        pad_attn = torch.cat([torch.zeros(2, 2, dtype=torch.long), attn], 1)
+        assert torch.allclose(ppo.critic_values(critic, pad_ids, pad_attn, P + 2), v, atol=1e-5)
