@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -123,11 +124,17 @@ def micro_batches(batch, idx, size):
 def allreduce_sums(d):
     """Sum a dict of floats over ranks (one collective)."""
     keys = sorted(d)
-    t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def allreduce_max(xs):
+    """Element-wise max of a list of floats over ranks."""
+    t = torch.tensor(xs, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def shard(model, mesh, mp_policy):
@@ -334,12 +341,14 @@ def batch_indices(step):
 
 
 def sample_and_score(rows, prompts, n, temperature, seed):
+    """Generate n responses per prompt and score them. Returns samples, texts, scores, seconds scoring."""
     samples = rollout.generate(engine, prompts, n=n, temperature=temperature, top_p=args.top_p,
                                max_tokens=args.max_response_len, seed=seed, eos_token_id=eos_id,
                                pad_token_id=pad_id)
+    t = time.time()
     texts = tokenizer.batch_decode([s["token_ids"] for s in samples], skip_special_tokens=True)
     scores = [rewards.score(rows[k // n], t) for k, t in enumerate(texts)]
-    return samples, texts, scores
+    return samples, texts, scores, time.time() - t
 
 
 def validate(step):
@@ -348,7 +357,7 @@ def validate(step):
     rows, prompts = [test_rows[i] for i in idx], [test_ids[i] for i in idx]
     out = {}
     for name, temp in (("val", args.temperature), ("val_greedy", 0.0)):
-        samples, texts, scores = sample_and_score(rows, prompts, 1, temp, seed=10**6 * (step + 1) + rank)
+        samples, texts, scores, _ = sample_and_score(rows, prompts, 1, temp, seed=10**6 * (step + 1) + rank)
         s = allreduce_sums({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
                             "len": sum(len(x["token_ids"]) for x in samples)})
         n = max(s["n"], 1)
@@ -401,7 +410,7 @@ for step in bar:
     idx = batch_indices(step)
     rows, prompts = [train_rows[i] for i in idx], [train_ids[i] for i in idx]
     G = args.group_size
-    samples, texts, scores = sample_and_score(rows, prompts, G, args.temperature,
+    samples, texts, scores, time_reward = sample_and_score(rows, prompts, G, args.temperature,
                                               seed=args.seed + 10**6 * step + 10**4 * rank)
     rollout.sleep(engine)
     t1 = time.time()
@@ -517,15 +526,16 @@ for step in bar:
                         **({"v_sum": (batch["values"] * mask).sum().item(), "v_n": mask.sum().item(),
                             "ev": ppo.explained_variance(batch["values"], batch["returns"], mask)} if critic else {}),
                         **({"kl": rollout_kl} if critic and rollout_kl is not None else {})})
-    diff_max = torch.tensor(diff.max().item(), device=device)
-    dist.all_reduce(diff_max, op=dist.ReduceOp.MAX)
+    # peak memory of a rank: the accelerator's on GPU, the process's resident set on CPU
+    mem = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    diff_max, mem_peak = allreduce_max([diff.max().item(), mem / 2**30])
     m.update({"step": step + 1, "reward_mean": s["reward"] / s["n"], "acc": s["acc"] / s["n"],
               "response_len": s["len"] / s["n"], "truncated_frac": s["trunc"] / s["n"],
               "flat_group_frac": s["flat"] / (args.batch_prompts),
-              "logprob_diff_max": diff_max.item(), "logprob_diff_mean": s["diff_sum"] / max(s["diff_n"], 1),
+              "logprob_diff_max": diff_max, "mem_peak_gib": mem_peak, "logprob_diff_mean": s["diff_sum"] / max(s["diff_n"], 1),
               **{k: s[k] / world for k in stats_sum if k in s}, **({"kl": s["kl"] / world} if "kl" in s else {}),
               "lr": sched.get_last_lr()[0],
-              "time_generate": t1 - t0, "time_logprob": t2 - t1, "time_update": t3 - t2, "time_sync": t4 - t3})
+              "time_generate": t1 - t0 - time_reward, "time_reward": time_reward, "time_logprob": t2 - t1, "time_update": t3 - t2, "time_sync": t4 - t3})
     if critic:
         m.update({"value_mean": s["v_sum"] / max(s["v_n"], 1), "explained_var": s["ev"] / world,  # mean of ranks'
                   "kl_coef": kl_coef,
