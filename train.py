@@ -36,10 +36,14 @@ import rollout
 
 # ----------------------------------------------------------------------------------------------------------
 # flags: every one has a default that runs on a laptop CPU
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 a = p.add_argument
 a("--model", default="tiny", help="a local transformers model folder, or 'tiny': a tiny random Qwen2 with a "
-  "character-level tokenizer, built locally under OUT/tiny_model (no download)")
+  "byte-level tokenizer, built locally under OUT/tiny_model (no download)")
 a("--data", default="", help="folder with train and test files from data.py (jsonl or parquet); empty: "
   "generate small Countdown tasks into OUT/data")
 a("--algo", default="ppo", choices=["ppo", "grpo"], help="ppo: critic + GAE (TinyZero's default); grpo: "
@@ -87,8 +91,8 @@ a("--gamma", type=float, default=1.0, help="PPO GAE discount (TinyZero: 1)")
 a("--lam", type=float, default=1.0, help="PPO GAE lambda (TinyZero: 1)")
 a("--value-clip", type=float, default=0.5, help="PPO value loss: clip each value's change to this "
   "(TinyZero's cliprange_value: 0.5)")
-a("--dtype", default="", choices=["", "float32", "bfloat16"], help="compute dtype of training and "
-  "rollout; empty: bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU = autocast, fp32 master weights)")
+a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype of training and "
+  "rollout; auto: bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU = autocast, fp32 master weights)")
 a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
 a("--rollout", default="vllm", choices=["vllm", "hf"], help="generation engine: in-process vLLM, or "
   "transformers generate where vLLM is not installed")
@@ -152,7 +156,7 @@ for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.
 rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 cuda = torch.cuda.is_available()
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-dtype = {"": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
          "bfloat16": torch.bfloat16}[args.dtype]
 master = rank == 0
 
