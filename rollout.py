@@ -34,9 +34,11 @@ def make_engine(kind, model_path, *, dtype, device, max_model_len, seed, tp=1, k
         cuda = device.type == "cuda"
         kw = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True) if cuda else \
             dict(kv_cache_memory_bytes=int(kv_cache_gib * 2**30))  # CPU: a fixed, small KV cache
-        if tp > 1:
-            # torchrun already started one process per GPU: vLLM forms its tensor-parallel groups from
-            # that world (consecutive ranks share a model) and runs the other ranks as data-parallel copies.
+        if tp > 1 or cuda:
+            # torchrun already started one process per GPU: vLLM's external launcher forms tensor-parallel
+            # groups of consecutive ranks from that world (each on the GPU of its LOCAL_RANK; the default
+            # single-process executor would put every rank's engine on GPU 0), the groups being
+            # data-parallel copies that step in lockstep.
             world = int(os.environ.get("WORLD_SIZE", "1"))
             kw.update(tensor_parallel_size=tp, data_parallel_size=world // tp,
                       distributed_executor_backend="external_launcher")
