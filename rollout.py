@@ -70,11 +70,13 @@ def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed):
     if tp > 1:
         # The ranks of one tensor-parallel group run one model: they must submit the same requests.
         # Each rank brings its own prompts; the group generates the union and each keeps its own share.
-        group = _tp_group(tp)
+        # They must also sample alike: the group uses its first rank's seed.
         gathered = [None] * tp
-        torch.distributed.all_gather_object(gathered, prompts, group=group)
+        torch.distributed.all_gather_object(gathered, (prompts, seed), group=_tp_group(tp))
         own = torch.distributed.get_rank() % tp
-        offset = sum(len(p) for p in gathered[:own])
+        offset = sum(len(p) for p, _ in gathered[:own])
+        seed = gathered[0][1]
+        gathered = [p for p, _ in gathered]
         prompts = [p for chunk in gathered for p in chunk]
     # The engine runs in this process and samples with torch's default generator: seeding it makes the
     # samples a function of (seed, weights, prompts), so a resumed run replays exactly. (Per-request seeds
