@@ -134,6 +134,30 @@ def allreduce_sums(d):
     return dict(zip(keys, t.tolist()))
 
 
+def plot_curves(metrics_path, png_path):
+    """PNG of the run's curves from metrics.jsonl, when matplotlib is installed (the run never needs it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in open(metrics_path)]
+    keys = [k for k in ("reward_mean", "acc", "response_len", "val_reward", "val_acc", "val_greedy_acc",
+                        "val_response_len", "val_attempts", "val_answer_hits", "val_stop_after_hit")
+            if any(k in r for r in rows)]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2 * len(keys)), sharex=True, squeeze=False)
+    for ax, k in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), marker="." if k.startswith("val") else None)
+        ax.set_ylabel(k, fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+    return True
+
+
 def allreduce_max(xs):
     """Element-wise max of a list of floats over ranks."""
     t = torch.tensor(xs, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -552,6 +576,8 @@ for step in bar:
         save_checkpoint(step + 1)
     bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['acc']:.2f}")
     log(m)
+if master and os.path.exists(metrics_path) and plot_curves(metrics_path, os.path.join(args.out, "curves.png")):
+    print(f"curves: {os.path.join(args.out, 'curves.png')}")
 rollout.close(engine)
 if dist.is_initialized():
     dist.destroy_process_group()
