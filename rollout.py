@@ -175,7 +175,7 @@ def sync_weights(engine, model):
     # The full (unsharded) state dict on every rank: each rank runs its own engine.
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
     if engine["kind"] == "hf":
-        engine["model"].load_state_dict(sd, strict=False)  # strict=False: tied lm_head may be absent
+        engine["model"].load_state_dict(sd)
         return
     llm = engine["llm"]
     if engine["cuda"]:
