@@ -4,6 +4,8 @@ Tasks, prompts and data files for the Countdown and multiplication tasks. Import
     python data.py countdown --out data/countdown --train 327680 --test 1024 --seed 0
     python data.py countdown --out data/tiny --train 5000 --test 200 --num-counts 3 --num-range 1 9 \
         --target-range 1 20 --template chat --format parquet
+    python data.py countdown --out data/cpu --train 20000 --test 500 --num-counts 3 --num-range 1 9 \
+        --target-range 10 50 --template tiny     # what the built-in base model (assets/countdown-base) knows
     python data.py multiply --out data/multiply --digits 3 3
 
 Every file holds rows in TinyZero's schema, so TinyZero's own parquet files load unchanged:
@@ -22,7 +24,7 @@ import time
 from numbers import Integral
 
 TASKS = ('countdown', 'multiply')
-TEMPLATES = ('base', 'qwen-instruct', 'chat')  # Countdown prompt templates
+TEMPLATES = ('base', 'qwen-instruct', 'chat', 'tiny')  # Countdown prompt templates
 MULTIPLY_TEMPLATES = ('base', 'chat')
 CHUNK = 2048  # tasks per generator chunk; each chunk has its own seed, so output does not depend on workers
 MAX_FAILED_DRAWS = 20_000  # consecutive useless draws before a generator gives up on its options
@@ -47,6 +49,9 @@ COUNTDOWN_PROMPTS = {
                      "\n " + COUNTDOWN_QUESTION + "<|im_end|>\n<|im_start|>assistant\nLet me solve this step by "
                      "step.\n<think>",
     'chat': COUNTDOWN_QUESTION,  # the user turn only; prompt_text() renders it with the tokenizer's template
+    # ours, not TinyZero's: the question's first sentence only (~70 bytes instead of ~565), for small CPU
+    # models; pretrain.py's corpus uses exactly this text, so the built-in base model knows it
+    'tiny': "Using the numbers {numbers}, create an equation that equals {target}.\n<think>",
 }
 MULTIPLY_PROMPTS = {
     'base': "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "

@@ -296,3 +296,141 @@ def score(row, response, format_score=0.1):
         return multiply_reward(response, int(truth), format_score)
     raise ValueError(f"no reward for data_source {source!r}: known tasks contain one of "
                      f"{COUNTDOWN_SOURCES + MULTIPLY_SOURCES}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# "Aha" metrics: what the think trace of a Countdown response does, beyond its score
+
+MAX_TRACE_CHARS = 20_000  # responses are cut here (a CPU run's are < 2,000 characters; 1,024 tokens ~ 4,000)
+
+
+def _steps_of(tokens):
+    """The operations that the expression `tokens` (from _tokenize) performs, as a sorted tuple of steps
+    (a, op, b, result) with exact values, operands of + and * in ascending order; None when the tokens are not
+    an expression of the grammar of evaluate_expression, use a sign, or divide by zero."""
+    pos, steps = 0, []
+
+    def binary(depth, ops, operand):  # operand (op operand)*, left-associative
+        nonlocal pos
+        left = operand(depth)
+        while pos < len(tokens) and tokens[pos] in ops:
+            op = tokens[pos]
+            pos += 1
+            right = operand(depth)
+            if op == "/" and right == 0:
+                raise ValueError
+            value = left + right if op == "+" else left - right if op == "-" else left * right if op == "*" \
+                else left / right
+            a, b = (min(left, right), max(left, right)) if op in "+*" else (left, right)
+            steps.append((a, op, b, value))
+            left = value
+        return left
+
+    def factor(depth):
+        nonlocal pos
+        if depth > MAX_DEPTH or pos >= len(tokens):
+            raise ValueError
+        tok = tokens[pos]
+        pos += 1
+        if isinstance(tok, int):
+            return Fraction(tok)
+        if tok != "(":
+            raise ValueError  # signs too: the attempts never write them
+        value = binary(depth + 1, ("+", "-"), lambda d: binary(d, ("*", "/"), factor))
+        if pos >= len(tokens) or tokens[pos] != ")":
+            raise ValueError
+        pos += 1
+        return value
+
+    try:
+        binary(0, ("+", "-"), lambda d: binary(d, ("*", "/"), factor))
+    except ValueError:
+        return None
+    return tuple(sorted(steps)) if pos == len(tokens) else None
+
+
+def _step(text):
+    """The step in text: 'so 14+1=15' -> (14, '+', 1, 15), '3-8=-5' -> (3, '-', 8, -5); None unless the text
+    around its first '=' reads [-]INT OP INT = [-]INT (spaces allowed; anything before or after is ignored)."""
+    lhs, eq, rhs = text.partition("=")
+    i, j = len(lhs), 0
+    while i and lhs[i - 1] in "0123456789+-*/ ":  # the arithmetic just before '=' ...
+        i -= 1
+    while j < len(rhs) and rhs[j] in "0123456789- ":  # ... and the number just after it
+        j += 1
+    left, right = _tokenize(lhs[i:]), _tokenize(rhs[:j])
+    if not eq or not left or not right:
+        return None
+    if left[0] == "-" and len(left) == 4 and isinstance(left[1], int):  # a negative first operand
+        left = [-left[1]] + left[2:]
+    if right[0] == "-" and len(right) == 2 and isinstance(right[1], int):  # a negative result
+        right = [-right[1]]
+    if len(left) != 3 or left[1] not in ("+", "-", "*", "/") or len(right) != 1 or not all(
+            isinstance(x, int) for x in (left[0], left[2], right[0])):
+        return None
+    return left[0], left[1], left[2], right[0]
+
+
+def aha_metrics(response, target, numbers):
+    """Parse the think trace of a Countdown response into attempts and say how the answer relates to them.
+
+    The trace is the text before the first '</think>' (before '<answer>' when there is no '</think>'; after a
+    '<think>' in it, if any). Attempts are separated by ';', the steps of an attempt by ',', and a step is
+    'a op b=r' with integers a, b, r and op in + - * / (the format of pretrain.py's corpus). Pieces that are
+    not steps are ignored; an attempt is a ';'-separated piece with at least one step.
+
+    An attempt HITS when it is a complete, correct solution: every step's arithmetic is exact (a / b only
+    when b divides a), each step's operands are given numbers or results of earlier steps of the same
+    attempt (each used once), all given numbers are used, and the last step's result equals the target.
+
+    Args:
+        response: the text the model generated after the prompt (anything that is not a str counts as empty).
+        target: the Countdown target.
+        numbers: the given numbers.
+    Returns:
+        {'attempts': number of attempts,
+         'hits': number of attempts that hit,
+         'answer_hits': True when the final answer (extract_answer) performs the same operations as an
+             attempt that hit: the same steps a op b = r (operands of + and * in either order), whatever the
+             order they are written in and the parentheses (so '(3+7)*2' and '2*(7+3)', not '3+7*2'),
+         'stopped_after_first_hit': True when some attempt hits and the first one that does is the
+             trace's last attempt}.
+    Linear in the length of the response, which is cut at MAX_TRACE_CHARS; never raises.
+
+    >>> aha_metrics("7-3=4,4*2=8;3*2=6,6+7=13;3+7=10,10*2=20</think>\\n<answer>(3+7)*2</answer>", 20, [3, 7, 2])
+    {'attempts': 3, 'hits': 1, 'answer_hits': True, 'stopped_after_first_hit': True}
+    >>> aha_metrics("3+7=10,10*2=20;7-2=5,5*3=15</think>\\n<answer>(7-2)*3</answer>", 20, [3, 7, 2])
+    {'attempts': 2, 'hits': 1, 'answer_hits': False, 'stopped_after_first_hit': False}
+    """
+    text = response[:MAX_TRACE_CHARS] if isinstance(response, str) else ""
+    end = text.find("</think>")
+    trace = text[:end] if end >= 0 else text.split(OPEN, 1)[0]
+    trace = trace.rsplit("<think>", 1)[-1]
+    target, given = int(target), [int(x) for x in numbers]
+    attempts, hits, hit_steps, first_hit = 0, 0, set(), None
+    for piece in trace.split(";"):
+        steps = [s for s in map(_step, piece.split(",") if "=" in piece else ()) if s is not None]
+        if not steps:
+            continue
+        attempts += 1
+        pool = list(given)  # the values this attempt can still use: given numbers, then step results
+        for a, op, b, r in steps:
+            exact = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else (
+                a // b if b and a % b == 0 else None)
+            if exact != r or a not in pool:
+                break
+            pool.remove(a)
+            if b not in pool:
+                break
+            pool.remove(b)
+            pool.append(r)
+        else:  # every step was exact and used values that were available
+            if len(pool) == 1 and pool[0] == target:
+                hits += 1
+                first_hit = attempts if first_hit is None else first_hit
+                hit_steps.add(tuple(sorted((min(a, b), op, max(a, b), r) if op in "+*" else (a, op, b, r)
+                                           for a, op, b, r in steps)))
+    answer = extract_answer(text)
+    tokens = _tokenize(answer) if answer is not None else None
+    return {"attempts": attempts, "hits": hits, "answer_hits": bool(tokens) and _steps_of(tokens) in hit_steps,
+            "stopped_after_first_hit": first_hit is not None and first_hit == attempts}

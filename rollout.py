@@ -17,7 +17,6 @@ tokens under softmax(logits / temperature), the same quantity train.py recompute
 import os
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 
 def make_engine(kind, model_path, *, dtype, device, max_model_len, seed, tp=1, kv_cache_gib=0.25,
@@ -46,7 +45,7 @@ def make_engine(kind, model_path, *, dtype, device, max_model_len, seed, tp=1, k
                        seed=seed, max_model_len=max_model_len, enforce_eager=not cuda,
                        # processed = after temperature (and top-p): the distribution we sampled from.
                        logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kw)
-        return {"kind": "vllm", "llm": llm, "tp": tp, "cuda": cuda}
+        return {"kind": "vllm", "llm": llm, "tp": tp, "cuda": cuda, "dtype": dtype}
     if kind == "hf":
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
@@ -170,21 +169,29 @@ def to_batch(prompts, samples, n, pad_id, device, mask_truncated=False):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def full_weights(model, dtype):
+    """(name, full tensor) pairs of an FSDP2 model, gathered one parameter at a time and cast to dtype.
+
+    A generator: at most one unsharded parameter exists at a time, not a whole fp32 state dict (28 GB for a
+    7B model). Collective: every rank must consume it, in the same order."""
+    for name, t in model.state_dict().items():
+        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).to(dtype)
+
+
 def sync_weights(engine, model):
     """Copy the trainer's weights into the engine. Collective: every rank calls it after each update."""
-    # The full (unsharded) state dict on every rank: each rank runs its own engine.
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
     if engine["kind"] == "hf":
-        engine["model"].load_state_dict(sd)
+        engine["model"].load_state_dict(dict(full_weights(model, engine["model"].dtype)))
         return
     llm = engine["llm"]
     if engine["cuda"]:
-        llm.wake_up(tags=["weights"])  # weights first, KV cache after, so the two never coexist with sd
-    llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(sd.items())))
-    del sd
+        llm.wake_up(tags=["weights"])  # weights first, the KV cache after the reload
+    # In place, streaming the gathered parameters straight into the engine's own buffers (in-process engine,
+    # so the generator crosses no process boundary).
+    llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=full_weights(model, engine["dtype"])))
     if engine["cuda"]:
         llm.wake_up(tags=["kv_cache"])
-    llm.reset_prefix_cache()
+    llm.reset_prefix_cache()  # cached prompt blocks hold keys/values computed with the old weights
 
 
 def close(engine):

@@ -143,7 +143,10 @@ def test_template_texts():
     base = data.countdown_row(task, 'base', 'train', 0)
     assert data.prompt_text(base) == data.prompt_text(base, FakeTokenizer()) == TZ_BASE
     assert base['extra_info']['template'] == 'base'
-    with pytest.raises(ValueError, match="base, qwen-instruct, chat"):
+    tiny = data.countdown_row(task, 'tiny', 'test', 1)
+    assert data.prompt_text(tiny) == "Using the numbers [44, 19, 35], create an equation that equals 98.\n<think>"
+    assert tiny['extra_info']['template'] == 'tiny'
+    with pytest.raises(ValueError, match="base, qwen-instruct, chat, tiny"):
         data.countdown_row(task, 'llama', 'train', 0)
     with pytest.raises(ValueError, match="base, chat"):
         data.multiply_row({'a': 1, 'b': 2}, 'qwen-instruct', 'train', 0)
