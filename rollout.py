@@ -120,13 +120,14 @@ def _generate_hf(model, prompts, n, temperature, top_p, max_tokens, seed, eos_to
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
-    torch.manual_seed(seed)
     greedy = temperature == 0
-    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy,
-                         temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-                         top_k=None, max_new_tokens=max_tokens, num_return_sequences=n,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                         return_dict_in_generate=True, output_logits=True)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep the trainer's RNG
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy,
+                             temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+                             top_k=None, max_new_tokens=max_tokens, num_return_sequences=n,
+                             eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                             return_dict_in_generate=True, output_logits=True)
     new = out.sequences[:, width:].cpu()
     # output_logits are the raw logits; the trainer's log-probs are log_softmax(logits / temperature).
     logits = torch.stack(out.logits, dim=1).float().cpu()

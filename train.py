@@ -114,6 +114,8 @@ def die(msg):
     """One clear line, then exit: bad input must fail before any heavy work."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"train.py: error: {msg}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(3)  # let rank 0 print first: torchrun stops the other ranks as soon as one exits
     sys.exit(2)
 
 
@@ -175,8 +177,13 @@ def shard(model, mesh, mp_policy):
 
 # ----------------------------------------------------------------------------------------------------------
 # process group: torchrun sets RANK/WORLD_SIZE; plain `python train.py` runs as a world of one
-for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29512").items():
-    os.environ.setdefault(k, v)
+if "RANK" not in os.environ:  # plain `python train.py`: a world of one, on a free port
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        os.environ.setdefault(k, v)
 rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 cuda = torch.cuda.is_available()
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -212,7 +219,7 @@ os.makedirs(args.out, exist_ok=True)
 ckpt_root = os.path.join(args.out, "checkpoints")
 resume_dir = None
 if args.resume:
-    done = sorted(glob.glob(os.path.join(ckpt_root, "step_*")), key=lambda d: int(d.rsplit("_", 1)[1]))
+    done = sorted(glob.glob(os.path.join(ckpt_root, "step_*[0-9]")), key=lambda d: int(d.rsplit("_", 1)[1]))
     if not done:
         die(f"--resume: no checkpoint in {ckpt_root}")
     resume_dir = done[-1]
@@ -423,6 +430,7 @@ def log(m):
     if not master:
         return
     tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+    m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # valid JSON
     with open(metrics_path, "a") as f:
         f.write(json.dumps(m) + "\n")
     if wandb:
