@@ -8,17 +8,19 @@ The result is a transformers folder that train.py, transformers and vLLM load as
 The corpus is a stream of documents, each followed by the EOS token <|endoftext|>:
   * Countdown traces (1 - --arith-frac of them). A task is drawn as data.py draws them (--num-counts numbers
     uniform in --num-range, a target reachable from them in --target-range), its prompt is data.py's 'tiny'
-    template, exactly as the RL data renders it, and the response is a think trace of K random attempts, K
-    uniform in 1..--max-attempts, then the LAST attempt as the answer:
-        Using the numbers [3, 7, 2], create an equation that equals 20.\n<think>7-3=4,4*2=8;3*2=6,6+7=13
-        </think>\n<answer>(3*2)+7</answer><|endoftext|>           (one line in the corpus)
-    An attempt combines two numbers still in the pool at a time, the ordered pair uniform and the operation
-    uniform among those with a non-negative integer result (+ and * always, a-b if a >= b, a/b if b divides
-    a), until one number is left; steps are joined by ',' and attempts by ';'. Nothing in a trace depends on
-    the target: neither the attempts, nor their number, nor the answer (the response is independent of the
-    target given the numbers). A trace may hit the target by chance, at any attempt, and then goes on or
-    stops as it would have anyway. So the model learns to copy the numbers, try, compute and answer in the
-    reward's format; it never sees an attempt checked against the target, or an answer chosen because it hits.
+    template, exactly as the RL data renders it, and the response is a think trace of K distinct attempts,
+    K uniform in 1..--max-attempts, then the LAST attempt as the answer, e.g. (one line in the corpus):
+        Using the numbers [3, 7, 2], create an equation that equals 20.\n<think>3+7=10,10-2=8;7-3=4,4+2=6;
+        3*2=6,6+7=13</think>\n<answer>(3*2)+7</answer><|endoftext|>
+    An attempt combines two numbers of the pool at a time, with a non-negative integer result (+ and * keep
+    the order, - and / put the larger number first, / only when it divides), until one number is left;
+    steps are joined by ',' and attempts by ';'. all_attempts() lists every distinct attempt in one fixed
+    order (pairs by position, operations + - * /; ~30 for 3 numbers); a trace is a random K-subset of that
+    list, in that order. Nothing in a trace depends on the target: neither the attempts, nor their number,
+    nor the answer (trace_response() is not even given the target). A trace hits the target by chance, at
+    any attempt, and then goes on or stops as it would have anyway. So the model learns to copy the
+    numbers, try distinct combinations in order, compute, and answer in the reward's format; it never sees
+    an attempt checked against the target, or an answer chosen because it hits (it hits in ~6% of traces).
   * Arithmetic drills (--arith-frac of them): lines 'a op b=r' (a in 0..99, b in 1..9, the same operations
     and rules), 8 to 16 lines per document, the kind of steps that traces take.
 """
@@ -208,6 +210,8 @@ def main():
     a("--heads", type=int, default=4, help="attention heads")
     a("--kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
     a("--intermediate", type=int, default=0, help="MLP size; 0: 2 x hidden")
+    a("--init", default="", help="start from this model folder (weights and tokenizer) instead of a random "
+      "model; the size flags are then ignored")
     a("--steps", type=int, default=0, help="optimizer steps of pretraining; 0: save the random model")
     a("--batch", type=int, default=64, help="documents per step")
     a("--lr", type=float, default=3e-3, help="peak learning rate (AdamW), after warm-up, cosine decay")
@@ -229,7 +233,12 @@ def main():
     if args.hidden % args.heads or args.hidden // args.heads < 32 or args.heads % args.kv_heads:
         p.error(f"--hidden {args.hidden} / --heads {args.heads} must be a whole head_dim >= 32, and --kv-heads "
                 f"{args.kv_heads} must divide --heads")
-    model, tok = make_tiny(args.seed, args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate)
+    if args.init:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(args.init)
+    else:
+        model, tok = make_tiny(args.seed, args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate)
     n_params = sum(t.numel() for t in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters, {torch.get_num_threads()} threads")
     info = {"args": vars(args), "params": n_params}

@@ -1,0 +1,79 @@
+"""Tests for pretrain.py: the synthetic corpus never teaches the Countdown solve skill, every attempt in it is
+correct arithmetic in the reward's format, and the CLI writes a model folder that transformers loads."""
+import argparse
+import os
+import random
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch import REPO, python  # noqa: E402
+
+sys.path.insert(0, REPO)
+import data  # noqa: E402
+import pretrain  # noqa: E402
+import rewards  # noqa: E402
+
+OPTS = argparse.Namespace(seed=0, arith_frac=0.2, num_counts=[3], num_range=[1, 9], target_range=[10, 50],
+                          max_attempts=20)
+
+
+@pytest.mark.parametrize('numbers', [[3, 7, 2], [9, 9, 8], [5, 5, 5], [1, 2, 3, 4]])
+def test_all_attempts_are_distinct_correct_and_use_every_number(numbers):
+    every = pretrain.all_attempts(numbers)
+    assert len({t for t, _ in every}) == len(every) > 0
+    for text, expr in every:
+        result = int(text.rsplit('=', 1)[1])
+        assert rewards.evaluate_expression(expr) == result and rewards.validate_numbers(expr, numbers)
+        # the reward and the aha metrics read the attempt as a correct solution for its own result
+        response = f"{text}</think>\n<answer>{expr}</answer>"
+        assert rewards.countdown_reward(response, result, numbers) == 1.0
+        assert rewards.aha_metrics(response, result, numbers) == {
+            'attempts': 1, 'hits': 1, 'answer_hits': True, 'stopped_after_first_hit': True}
+    assert len(pretrain.all_attempts([3, 7, 2])) == 31
+
+
+def test_trace_ignores_the_target():
+    """The response is a function of the numbers and the random state only: the target is never an input,
+    so no trace can pick its answer, or its length, because of the target."""
+    for seed in range(50):
+        text = pretrain.trace_response([4, 6, 2], random.Random(seed), 20)
+        trace, answer = text.split('</think>\n<answer>')
+        attempts = trace.split(';')
+        every = [t for t, _ in pretrain.all_attempts([4, 6, 2])]
+        positions = [every.index(a) for a in attempts]
+        assert 1 <= len(attempts) <= 20 and positions == sorted(set(positions))  # distinct, in the fixed order
+        assert answer == dict(pretrain.all_attempts([4, 6, 2]))[attempts[-1]] + '</answer>'  # the LAST attempt
+    assert 'target' not in pretrain.trace_response.__code__.co_varnames
+
+
+def test_corpus_prompts_are_the_rl_prompts_and_hits_are_chance():
+    docs = [d for step in range(pretrain.BUCKET) for d in pretrain.corpus_batch(16, step, OPTS)]  # one bucket
+    traces = [d for d in docs if d.startswith('Using the numbers')]
+    assert 0.6 < len(traces) / len(docs) < 0.95
+    answered = 0
+    for d in traces:
+        prompt, response = d.split('<think>', 1)
+        head = prompt.split('[', 1)[1]
+        numbers = [int(x) for x in head.split(']')[0].split(', ')]
+        target = int(head.split('equals ')[1].rstrip('.\n'))
+        row = data.countdown_row({'target': target, 'numbers': numbers}, 'tiny', 'train', 0)
+        assert data.prompt_text(row) == prompt + '<think>'  # exactly the RL prompt text
+        answered += rewards.countdown_reward(response, target, numbers) == 1.0
+    assert answered / len(traces) < 0.15  # the answer hits only by chance (~6% per attempt)
+
+
+def test_cli_pretrains_and_saves_a_model_transformers_loads(tmp_path):
+    out = tmp_path / "base"
+    r = python(os.path.join(REPO, "pretrain.py"), ["--out", out, "--steps", "3", "--batch", "4", "--warmup", "1",
+                                                   "--eval-tasks", "4", "--max-new-tokens", "8"], timeout=300)
+    assert r.returncode == 0, r.tail()
+    assert "eval step 3" in r.stdout and not os.path.exists(f"{out}.tmp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    text = "Using the numbers [3, 7, 2], create an equation that equals 20.\n<think>3+7=10"
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte level: spaces and newlines survive
+    assert model.config.hidden_size // model.config.num_attention_heads >= 32  # vLLM's CPU attention
+    assert os.path.exists(out / "pretrain.json")
