@@ -8,19 +8,24 @@ The result is a transformers folder that train.py, transformers and vLLM load as
 The corpus is a stream of documents, each followed by the EOS token <|endoftext|>:
   * Countdown traces (1 - --arith-frac of them). A task is drawn as data.py draws them (--num-counts numbers
     uniform in --num-range, a target reachable from them in --target-range), its prompt is data.py's 'tiny'
-    template, exactly as the RL data renders it, and the response is a think trace of K distinct attempts,
-    K uniform in 1..--max-attempts, then the LAST attempt as the answer, e.g. (one line in the corpus):
-        Using the numbers [3, 7, 2], create an equation that equals 20.\n<think>3+7=10,10-2=8;7-3=4,4+2=6;
-        3*2=6,6+7=13</think>\n<answer>(3*2)+7</answer><|endoftext|>
-    An attempt combines two numbers of the pool at a time, with a non-negative integer result (+ and * keep
-    the order, - and / put the larger number first, / only when it divides), until one number is left;
-    steps are joined by ',' and attempts by ';'. all_attempts() lists every distinct attempt in one fixed
-    order (pairs by position, operations + - * /; ~30 for 3 numbers); a trace is a random K-subset of that
-    list, in that order. Nothing in a trace depends on the target: neither the attempts, nor their number,
-    nor the answer (trace_response() is not even given the target). A trace hits the target by chance, at
-    any attempt, and then goes on or stops as it would have anyway. So the model learns to copy the
-    numbers, try distinct combinations in order, compute, and answer in the reward's format; it never sees
-    an attempt checked against the target, or an answer chosen because it hits (it hits in ~6% of traces).
+    template, exactly as the RL data renders it, and the response is a think trace of attempts, each followed
+    by a check against the target, that stops at a random point, then the LAST attempt as the answer, e.g.
+        Using the numbers [3, 7, 2], create an equation that equals 20.\n<think>3+7=10,10+2=12:20>;
+        3+7=10,10-2=8:20>;3+7=10,10*2=20:20=;3+7=10,10/2=5:20></think>\n<answer>(3+7)/2</answer>
+    (one line in the corpus). An attempt combines two numbers of the pool at a time, with a non-negative
+    integer result (+ and * keep the order, - and / put the larger number first, / only when it divides),
+    until one number is left; steps are joined by ',', the check 'T<' / 'T=' / 'T>' (the target, and how it
+    compares with the result) follows ':', attempts are joined by ';'. all_attempts() lists every distinct attempt in one fixed
+    order (pairs by position, operations + - * /; 23-47 for 3 numbers); a trace is the first K of that list,
+    where after each attempt it stops with probability --stop-prob (K ~ 10 on average).
+    Where a trace stops and what it answers never depend on the target: a check that reads 'T=' is followed
+    by more attempts as often as any other. So the model learns to copy the numbers, try every combination in
+    order, compute, compare with the target and answer in the reward's format; it never sees a check used:
+    no trace stops because of a hit or answers with it (the answer hits in ~6% of traces, the luck of where
+    the trace stops). RL has to discover that: stop at the first '=' and answer with that attempt.
+    Why the checks are there: without them (the target appears only in the prompt) this 0.6M model could not
+    learn to compare a result with the target far back in the prompt, not even by supervised fine-tuning on
+    3,200 traces that stop at the first hit (greedy accuracy stayed ~1%); see the README.
   * Arithmetic drills (--arith-frac of them): lines 'a op b=r' (a in 0..99, b in 1..9, the same operations
     and rules), 8 to 16 lines per document, the kind of steps that traces take.
 """
@@ -130,12 +135,24 @@ def all_attempts(numbers):
     return out
 
 
-def trace_response(numbers, rng, max_attempts):
-    """The response to a Countdown prompt: K distinct attempts (K uniform in 1..max_attempts), a random subset
-    of all_attempts(numbers) in their fixed order, then the LAST one as the answer (no EOS)."""
+def check_text(result, target):
+    """The check that follows an attempt's result: the target, then how it compares with the result, e.g.
+    check_text(8, 20) == '20>', check_text(27, 20) == '20<'; a hit reads '20='. The relation comes last, right
+    before the choice between the next attempt and the answer."""
+    return f"{target}{'<' if target < result else '>' if target > result else '='}"
+
+
+def trace_response(numbers, target, rng, stop_prob):
+    """The response to a Countdown prompt: the first K of all_attempts(numbers), each followed by ':' and its
+    check_text against the target, where after each attempt the trace stops with probability stop_prob (and
+    after the last one); then the LAST attempt as the answer (no EOS). Where it stops and what it answers
+    never depend on the target: the target only enters the checks' arithmetic."""
     every = all_attempts(numbers)
-    tries = [every[i] for i in sorted(rng.sample(range(len(every)), min(rng.randint(1, max_attempts), len(every))))]
-    return ";".join(t for t, _ in tries) + f"</think>\n<answer>{tries[-1][1]}</answer>"
+    k = 1
+    while k < len(every) and rng.random() >= stop_prob:
+        k += 1
+    tries = [f"{t}:{check_text(int(t.rsplit('=', 1)[1]), target)}" for t, _ in every[:k]]
+    return ";".join(tries) + f"</think>\n<answer>{every[k - 1][1]}</answer>"
 
 
 def arith_doc(rng):
@@ -156,8 +173,8 @@ def corpus_batch(n, step, a):
     n_arith = sum(rng.random() < a.arith_frac for _ in range(n * BUCKET))
     tasks = data.make_countdown(n * BUCKET - n_arith, seed=f"pretrain:{a.seed}:{chunk}", num_counts=a.num_counts,
                                 num_range=a.num_range, target_range=a.target_range)
-    docs = [data.prompt_text(data.countdown_row(t, "tiny", "train", 0)) + trace_response(t["numbers"], rng,
-                                                                                         a.max_attempts)
+    docs = [data.prompt_text(data.countdown_row(t, "tiny", "train", 0)) + trace_response(t["numbers"], t["target"],
+                                                                                         rng, a.stop_prob)
             for t in tasks] + [arith_doc(rng) for _ in range(n_arith)]
     rng.shuffle(docs)
     docs.sort(key=len)
@@ -220,7 +237,7 @@ def main():
     a("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     a("--bf16", type=int, default=0, help="1: bfloat16 autocast (fast on CPUs with AVX512-BF16/AMX; 10-50x slower "
       "than float32 on AVX2-only CPUs); 0: float32")
-    a("--max-attempts", type=int, default=16, help="attempts per trace are uniform in 1..this")
+    a("--stop-prob", type=float, default=0.1, help="a trace stops after each attempt with this probability")
     a("--arith-frac", type=float, default=0.2, help="share of arithmetic drill documents")
     a("--num-counts", type=int, nargs="+", default=[3], help="numbers per Countdown task")
     a("--num-range", type=int, nargs=2, default=[1, 9], metavar=("LO", "HI"), help="numbers in LO..HI")
@@ -242,6 +259,8 @@ def main():
     n_params = sum(t.numel() for t in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters, {torch.get_num_threads()} threads")
     info = {"args": vars(args), "params": n_params}
+    if args.init and os.path.isfile(os.path.join(args.init, "pretrain.json")):  # the history of a continuation
+        info["init"] = json.load(open(os.path.join(args.init, "pretrain.json")))
     if args.steps:
         test = data.make_splits("countdown", 0, args.eval_tasks, seed=args.seed, template="tiny",
                                 num_counts=args.num_counts, num_range=args.num_range,

@@ -1,6 +1,6 @@
 """RL with rule-based rewards on Countdown and multiplication, top to bottom.
 
-    torchrun --nproc_per_node=2 train.py                       # built-in default: tiny model, CPU-sized
+    torchrun --nproc_per_node=2 train.py                       # built-in default: assets/countdown-base, CPU
     torchrun --nproc_per_node=8 train.py --model /models/Qwen2.5-3B --data data/countdown --algo grpo
 
 Each step: every rank samples its share of the batch's prompts, generates --group-size responses per prompt
@@ -40,37 +40,40 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     pass
 
 
+# The defaults are the CPU defaults measured for the built-in base (README, "The built-in default"); the README
+# gives TinyZero's flags for Qwen2.5 on GPUs.
+SMALL_LR = 1.5e-4
 p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 a = p.add_argument
-a("--model", default="tiny", help="a local transformers model folder, or 'tiny': a tiny random Qwen2 with a "
-  "byte-level tokenizer, built locally under OUT/tiny_model (no download)")
+a("--model", default="assets/countdown-base", help="a local transformers model folder (the default: the "
+  "built-in 0.6M base model made by pretrain.py), or 'tiny': a tiny random Qwen2 built under OUT/tiny_model")
 a("--data", default="", help="folder with train and test files from data.py (jsonl or parquet); empty: "
   "generate small Countdown tasks into OUT/data")
-a("--algo", default="ppo", choices=["ppo", "grpo"], help="ppo: critic + GAE (TinyZero's default); grpo: "
+a("--algo", default="grpo", choices=["ppo", "grpo"], help="ppo: critic + GAE (TinyZero's default); grpo: "
   "group-relative advantages, no critic")
 a("--out", default="runs/default", help="run folder: metrics.jsonl, samples/, checkpoints/")
-a("--steps", type=int, default=20, help="RL steps (one batch of prompts each)")
+a("--steps", type=int, default=80, help="RL steps (one batch of prompts each)")
 a("--batch-prompts", type=int, default=8, help="prompts per step over all ranks (TinyZero: 256)")
-a("--group-size", type=int, default=8, help="responses sampled per prompt (GRPO's group)")
+a("--group-size", type=int, default=16, help="responses sampled per prompt (GRPO's group)")
 a("--mini-batch-prompts", type=int, default=0, help="prompts per optimizer step; 0: the whole batch "
   "(TinyZero: 64 of 256)")
-a("--micro-batch", type=int, default=8, help="sequences per forward/backward on one rank (memory knob; "
+a("--micro-batch", type=int, default=32, help="sequences per forward/backward on one rank (memory knob; "
   "gradients accumulate, the result does not depend on it)")
 a("--epochs-per-batch", type=int, default=1, help="passes over each batch of rollouts (PPO epochs)")
 a("--max-prompt-len", type=int, default=768, help="prompt tokens; longer prompts are reported, see "
   "--long-prompts")
 a("--long-prompts", default="fail", choices=["fail", "drop"], help="what to do with prompts longer than "
   "--max-prompt-len")
-a("--max-response-len", type=int, default=128, help="response tokens; longer responses are cut (truncated)")
+a("--max-response-len", type=int, default=384, help="response tokens; longer responses are cut (truncated)")
 a("--mask-truncated", action="store_true", help="leave truncated responses out of the loss (they still "
   "count in the reward metrics)")
 a("--temperature", type=float, default=1.0, help="sampling temperature; log-probs use the same")
 a("--top-p", type=float, default=1.0, help="nucleus sampling; the trainer's log-probs ignore it, so keep "
   "1.0 for exact on-policy ratios")
-a("--lr", type=float, default=0.0, help="policy learning rate; 0: TinyZero's 1e-6 for a given model, 5e-5 "
-  "for the built-in tiny one")
-a("--critic-lr", type=float, default=0.0, help="PPO critic learning rate; 0: TinyZero's 1e-5 for a given "
-  "model, 1e-4 for the built-in tiny one")
+a("--lr", type=float, default=0.0, help=f"policy learning rate; 0: {SMALL_LR:g} for our small models (built-in "
+  "base, tiny), TinyZero's 1e-6 for any other")
+a("--critic-lr", type=float, default=0.0, help="PPO critic learning rate; 0: 1e-4 for our small models, "
+  "TinyZero's 1e-5 for any other")
 a("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up, then constant")
 a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
@@ -79,14 +82,14 @@ a("--clip-high", type=float, default=0.2, help="PPO ratio clip above: ratio <= 1
 a("--loss-agg", default="token-mean", choices=list(ppo.LOSS_AGG_MODES), help="how per-token losses become "
   "one number: token-mean over the batch, seq-mean (GRPO paper), token-sum / constant (Dr. GRPO)")
 a("--no-std-scale", action="store_true", help="GRPO: do not divide advantages by the group std (Dr. GRPO)")
-a("--kl-coef", type=float, default=0.001, help="KL-to-reference coefficient (TinyZero: 0.001); 0 skips the "
+a("--kl-coef", type=float, default=0.0, help="KL-to-reference coefficient (TinyZero: 0.001); 0 skips the "
   "reference model. PPO puts k1 in the reward, GRPO adds --kl-estimator to the loss")
 a("--kl-estimator", default="k3", choices=list(ppo.KL_ESTIMATORS), help="GRPO's KL loss estimator")
 a("--kl-ctrl", default="fixed", choices=["fixed", "adaptive"], help="PPO: keep --kl-coef, or steer it toward "
   "--kl-target (TinyZero's kl_ctrl)")
 a("--kl-target", type=float, default=0.1, help="PPO adaptive KL: target KL per token")
 a("--kl-horizon", type=int, default=10000, help="PPO adaptive KL: horizon in samples")
-a("--entropy-coef", type=float, default=0.001, help="entropy bonus coefficient (TinyZero: 0.001); 0 skips it")
+a("--entropy-coef", type=float, default=0.0, help="entropy bonus coefficient (TinyZero: 0.001); 0 skips it")
 a("--gamma", type=float, default=1.0, help="PPO GAE discount (TinyZero: 1)")
 a("--lam", type=float, default=1.0, help="PPO GAE lambda (TinyZero: 1)")
 a("--value-clip", type=float, default=0.5, help="PPO value loss: clip each value's change to this "
@@ -100,7 +103,9 @@ a("--rollout-tp", type=int, default=1, help="tensor parallel size of the vLLM en
 a("--kv-cache-gib", type=float, default=0.25, help="vLLM KV cache on CPU, GiB per rank")
 a("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of GPU memory")
 a("--eval-every", type=int, default=10, help="validate every K steps (and at the start and the end); 0: off")
-a("--eval-prompts", type=int, default=128, help="test prompts per validation (0: the whole test split)")
+a("--eval-prompts", type=int, default=500, help="test prompts per validation (0: the whole test split)")
+a("--eval-sampled", action="store_true", help="validate with sampling at --temperature too (val_*), not only "
+  "greedy (val_greedy_*)")
 a("--save-every", type=int, default=0, help="checkpoint every K steps (and at the end); 0: only at the end")
 a("--keep-checkpoints", type=int, default=2, help="newest checkpoints to keep")
 a("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
@@ -145,12 +150,12 @@ def plot_curves(metrics_path, png_path):
     except ImportError:
         return False
     rows = [json.loads(line) for line in open(metrics_path)]
-    keys = [k for k in ("reward_mean", "acc", "response_len", "val_reward", "val_acc", "val_greedy_acc",
-                        "val_response_len", "val_attempts", "val_answer_hits", "val_stop_after_hit")
-            if any(k in r for r in rows)]
+    keys = [k for k in ("reward_mean", "acc", "response_len", "val_greedy_acc", "val_acc", "val_greedy_response_len",
+                        "val_greedy_attempts", "val_greedy_answer_hits", "val_greedy_stop_after_hit")
+            if any(r.get(k) is not None for r in rows)]
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2 * len(keys)), sharex=True, squeeze=False)
     for ax, k in zip(axes[:, 0], keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
+        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
         ax.plot(*zip(*pts), marker="." if k.startswith("val") else None)
         ax.set_ylabel(k, fontsize=8)
     axes[-1, 0].set_xlabel("step")
@@ -184,6 +189,7 @@ if "RANK" not in os.environ:  # plain `python train.py`: a world of one, on a fr
         port = str(sock.getsockname()[1])
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(k, v)
+T_START = time.time()
 rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 cuda = torch.cuda.is_available()
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -233,9 +239,15 @@ mesh = init_device_mesh(device.type, (world,))
 if not args.data:
     args.data = os.path.join(args.out, "data")
     if master and not os.path.exists(os.path.join(args.data, "test.jsonl")):
-        # small numbers and targets: what a tiny CPU model can learn on
-        tr, te = data.make_splits("countdown", 2048, 256, seed=args.seed, workers=1, num_counts=(3,),
-                                  num_range=(1, 20), target_range=(10, 50))
+        # A base model made by pretrain.py gets the tasks and the prompt template it was pretrained on; any
+        # other model small Countdown tasks in TinyZero's prompt. 500 test tasks: the validation set.
+        made = os.path.join(args.model, "pretrain.json")
+        kw = dict(num_counts=(3,), num_range=(1, 20), target_range=(10, 50), template="base")
+        if os.path.isfile(made):
+            pa = json.load(open(made))["args"]
+            kw = dict(num_counts=pa["num_counts"], num_range=pa["num_range"], target_range=pa["target_range"],
+                      template="tiny")
+        tr, te = data.make_splits("countdown", 2048, 500, seed=args.seed, workers=1, **kw)
         data.write_rows(tr, os.path.join(args.data, "train.jsonl"))
         data.write_rows(te, os.path.join(args.data, "test.jsonl"))
     dist.barrier()
@@ -304,8 +316,10 @@ policy = load_model(init_path, trainable=True)
 ref = load_model(model_path, trainable=False) if args.kl_coef > 0 else None
 critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_path, trainable=True,
                     critic=True) if args.algo == "ppo" else None
-tiny = args.model == "tiny"
-lr, critic_lr = args.lr or (5e-5 if tiny else 1e-6), args.critic_lr or (1e-4 if tiny else 1e-5)
+# a model of ours (random tiny, or made by pretrain.py) takes the CPU learning rates measured for the built-in
+# base (README), any other TinyZero's
+small = args.model == "tiny" or os.path.isfile(os.path.join(model_path, "pretrain.json"))
+lr, critic_lr = args.lr or (SMALL_LR if small else 1e-6), args.critic_lr or (1e-4 if small else 1e-5)
 opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=args.weight_decay)
 critic_opt = torch.optim.AdamW(critic.parameters(), lr=critic_lr, weight_decay=args.weight_decay) if critic else None
 warmup = lambda s: min(1.0, (s + 1) / (args.warmup + 1))  # noqa: E731
@@ -387,23 +401,34 @@ def sample_and_score(rows, prompts, n, temperature, seed):
 
 
 def validate(step):
-    """Mean reward, accuracy and response length on the test split, sampled and greedy."""
+    """Greedy (and with --eval-sampled, sampled) reward, accuracy and response length on the test split, and
+    for Countdown rows the "aha" metrics of rewards.aha_metrics: attempts per response, the share of answers
+    that repeat an attempt that hit the target, and the share of responses that stop right after the first hit."""
     idx = list(range(len(test_rows)))[: args.eval_prompts or None][rank::world]
     rows, prompts = [test_rows[i] for i in idx], [test_ids[i] for i in idx]
     out = {}
-    for name, temp in (("val", args.temperature), ("val_greedy", 0.0)):
+    for name, temp in (("val", args.temperature), ("val_greedy", 0.0))[0 if args.eval_sampled else 1:]:
         samples, texts, scores, _ = sample_and_score(rows, prompts, 1, temp, seed=10**6 * (step + 1) + rank)
+        aha = [rewards.aha_metrics(t, r["reward_model"]["ground_truth"]["target"],
+                                   r["reward_model"]["ground_truth"]["numbers"])
+               for r, t in zip(rows, texts) if "countdown" in str(r.get("data_source", ""))]
         s = allreduce_sums({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
-                            "len": sum(len(x["token_ids"]) for x in samples)})
-        n = max(s["n"], 1)
+                            "len": sum(len(x["token_ids"]) for x in samples), "n_aha": len(aha),
+                            **{k: sum(a[k] for a in aha) for k in ("attempts", "answer_hits",
+                                                                     "stopped_after_first_hit")}})
+        n, n_aha = max(s["n"], 1), s["n_aha"]
         out.update({f"{name}_reward": s["reward"] / n, f"{name}_acc": s["acc"] / n,
                     f"{name}_response_len": s["len"] / n})
+        if n_aha:
+            out.update({f"{name}_attempts": s["attempts"] / n_aha, f"{name}_answer_hits": s["answer_hits"] / n_aha,
+                        f"{name}_stop_after_hit": s["stopped_after_first_hit"] / n_aha})
         if master and args.log_samples:
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
             with open(os.path.join(args.out, "samples", f"step_{step}_{name}.jsonl"), "w") as f:
                 for r, t, sc in list(zip(rows, texts, scores))[: args.log_samples]:
                     f.write(json.dumps({"prompt": data.prompt_text(r, tokenizer), "response": t,
                                         "score": sc}) + "\n")
+    out["elapsed"] = time.time() - T_START
     return out
 
 
@@ -455,11 +480,16 @@ for step in bar:
     mask = batch["mask"]
     all_rows = torch.arange(len(samples))
     P = batch["input_ids"].shape[1] - mask.shape[1]  # prompt columns
+    # With one epoch and one mini-batch, the policy that sampled is the policy at the only update, so the old
+    # log-probs are the update's own, detached (ratio 1): no separate forward. Otherwise they are recomputed here
+    # (PPO's KL reward needs them before the update too).
+    one_pass = args.epochs_per_batch == 1 and mini == args.batch_prompts and not (critic and ref is not None)
     with torch.no_grad():
         # old log-probs: the policy that sampled, recomputed by the trainer. The sampler's own numbers serve
         # only as a check: a gap between the two means the weight sync (or the alignment) is broken.
-        batch["old_logp"] = torch.cat([ppo.response_logprobs(policy, mb, args.temperature, autocast)
-                                       for mb in micro_batches(batch, all_rows, args.micro_batch)])
+        if not one_pass:
+            batch["old_logp"] = torch.cat([ppo.response_logprobs(policy, mb, args.temperature, autocast)
+                                           for mb in micro_batches(batch, all_rows, args.micro_batch)])
         if ref is not None:
             batch["ref_logp"] = torch.cat([ppo.response_logprobs(ref, mb, args.temperature, autocast)
                                            for mb in micro_batches(batch, all_rows, args.micro_batch)])
@@ -486,12 +516,11 @@ for step in bar:
             var = (w["q"] - w["n"] * mean ** 2) / max(w["n"] - 1, 1)  # unbiased, as ppo.masked_whiten
             batch["advantages"] = (adv - mean) * (var + 1e-8) ** -0.5 * mask
             n_flat = 0
-    diff = (batch["sampler_logp"] - batch["old_logp"]).abs() * batch["valid"]
     t2 = time.time()
     # 3. update: epochs x mini-batches x micro-batches (gradient accumulation) --------------------------------
     n_local = len(samples)
     per_mini = mini // world * G  # sequences of one mini-batch on this rank
-    stats_sum, n_updates = {}, 0
+    stats_sum, n_updates, one_pass_logp = {}, 0, []
 
     def add(k, v, w=1.0):
         stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * w
@@ -511,6 +540,9 @@ for step in bar:
                 w = len(mb["mask"]) / len(rows_idx)
                 policy.set_requires_gradient_sync(last)  # reduce-scatter once per mini-batch, not per micro
                 logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True)
+                if one_pass:  # micro-batches come in order: they fill old_logp row by row
+                    mb["old_logp"] = logp.detach()
+                    one_pass_logp.append(mb["old_logp"])
                 if args.algo == "grpo":
                     loss, st = grpo.grpo_loss(logp, mb["old_logp"], mb.get("ref_logp"), mb["advantages"],
                                               mb["mask"], args.clip_low, args.clip_high, kl_coef,
@@ -549,6 +581,9 @@ for step in bar:
     sched.step()
     if critic:
         critic_sched.step()
+    if one_pass:
+        batch["old_logp"] = torch.cat(one_pass_logp)
+    diff = (batch["sampler_logp"] - batch["old_logp"]).abs() * batch["valid"]
     t3 = time.time()
     # 4. weight sync -----------------------------------------------------------------------------------------
     rollout.sync_weights(engine, policy)

@@ -16,7 +16,7 @@ import pretrain  # noqa: E402
 import rewards  # noqa: E402
 
 OPTS = argparse.Namespace(seed=0, arith_frac=0.2, num_counts=[3], num_range=[1, 9], target_range=[10, 50],
-                          max_attempts=20)
+                          stop_prob=0.1)
 
 
 @pytest.mark.parametrize('numbers', [[3, 7, 2], [9, 9, 8], [5, 5, 5], [1, 2, 3, 4]])
@@ -34,18 +34,25 @@ def test_all_attempts_are_distinct_correct_and_use_every_number(numbers):
     assert len(pretrain.all_attempts([3, 7, 2])) == 31
 
 
-def test_trace_ignores_the_target():
-    """The response is a function of the numbers and the random state only: the target is never an input,
-    so no trace can pick its answer, or its length, because of the target."""
-    for seed in range(50):
-        text = pretrain.trace_response([4, 6, 2], random.Random(seed), 20)
-        trace, answer = text.split('</think>\n<answer>')
-        attempts = trace.split(';')
-        every = [t for t, _ in pretrain.all_attempts([4, 6, 2])]
-        positions = [every.index(a) for a in attempts]
-        assert 1 <= len(attempts) <= 20 and positions == sorted(set(positions))  # distinct, in the fixed order
-        assert answer == dict(pretrain.all_attempts([4, 6, 2]))[attempts[-1]] + '</answer>'  # the LAST attempt
-    assert 'target' not in pretrain.trace_response.__code__.co_varnames
+def test_trace_stops_and_answers_whatever_the_target():
+    """Where a trace stops and what it answers are a function of the numbers and the random state only: the
+    target enters the checks' arithmetic, never a decision, so no trace stops or answers because of a hit."""
+    every = pretrain.all_attempts([4, 6, 2])
+    lengths = []
+    for seed in range(200):
+        texts = [pretrain.trace_response([4, 6, 2], target, random.Random(seed), 0.1) for target in (12, 48)]
+        for target, text in zip((12, 48), texts):
+            trace, answer = text.split('</think>\n<answer>')
+            attempts = [a.split(':') for a in trace.split(';')]
+            assert [t for t, _ in attempts] == [t for t, _ in every[:len(attempts)]]  # the first K, in order
+            for t, check in attempts:  # each attempt compared with the target: 'T<', 'T=' or 'T>'
+                r = int(t.rsplit('=', 1)[1])
+                assert check == f"{target}{'<' if target < r else '>' if target > r else '='}"
+            assert answer == every[len(attempts) - 1][1] + '</answer>'  # the LAST attempt, hit or not
+        same = [[a.split(':')[0] for a in t.split('</think>')[0].split(';')] for t in texts]
+        assert same[0] == same[1] and texts[0].split('<answer>')[1] == texts[1].split('<answer>')[1]
+        lengths.append(len(same[0]))
+    assert 6 < sum(lengths) / len(lengths) < 12 and max(lengths) > 20
 
 
 def test_corpus_prompts_are_the_rl_prompts_and_hits_are_chance():

@@ -37,7 +37,9 @@ SMALL = ["--model", "tiny", "--algo", "grpo", "--batch-prompts", "4", "--group-s
          "--temperature", "0.8", "--kl-coef", "0.001", "--seed", "0"]
 STEP_KEYS = {"step", "reward_mean", "acc", "response_len", "loss", "kl", "logprob_diff_max", "time_generate",
              "time_update", "time_sync"}
-VAL_KEYS = {"val_acc", "val_reward"}
+# greedy validation, with the aha metrics of Countdown, and the wall time so far
+VAL_KEYS = {"val_greedy_acc", "val_greedy_reward", "val_greedy_response_len", "val_greedy_attempts",
+            "val_greedy_answer_hits", "val_greedy_stop_after_hit", "elapsed"}
 # resource readings, not results of the computation: they differ between two identical runs
 NONDETERMINISTIC = ("time_", "mem_")
 
@@ -97,7 +99,8 @@ def check_metrics(lines, steps, eval_every, max_response_len=16):
             assert m[k] >= 0
     for m in lines:
         if VAL_KEYS <= set(m):
-            assert 0 <= m["val_reward"] <= 1 and 0 <= m["val_acc"] <= 1
+            assert 0 <= m["val_greedy_reward"] <= 1 and 0 <= m["val_greedy_acc"] <= 1
+            assert 0 <= m["val_greedy_answer_hits"] <= 1 and 0 <= m["val_greedy_stop_after_hit"] <= 1
 
 
 def check_checkpoint_hf(path):
@@ -316,3 +319,24 @@ def test_long_prompts_drop(tiny_model, tmp_path):
                               long_prompts="drop"), timeout=120)
     assert "dropping 2 of 4 train prompts" in res.stdout, res.tail()
     assert_clean_failure(res, "2 train prompts are fewer than --batch-prompts 4", out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the default model: the built-in base (assets/countdown-base), with tasks in its own template
+def test_default_model_is_the_built_in_base(tmp_path):
+    """No --model and no --data: train.py loads assets/countdown-base and generates the tasks it was pretrained
+    on (pretrain.json) in its 'tiny' template. Its greedy search never stops within 64 tokens, so validation
+    starts at accuracy 0 with the aha metrics logged; the curves PNG is written when matplotlib is installed."""
+    out = tmp_path / "run"
+    res = torchrun(TRAIN, ["--out", out, "--steps", "1", "--batch-prompts", "2", "--group-size", "4",
+                           "--eval-prompts", "8", "--max-response-len", "64", "--rollout", "hf"], timeout=420)
+    assert res.returncode == 0, res.tail()
+    row = json.loads(open(out / "data" / "test.jsonl").readline())
+    truth = row["reward_model"]["ground_truth"]
+    assert data.prompt_text(row) == (f"Using the numbers {truth['numbers']}, create an equation that equals "
+                                     f"{truth['target']}.\n<think>")
+    assert len(truth["numbers"]) == 3 and all(1 <= x <= 9 for x in truth["numbers"]) and 10 <= truth["target"] <= 50
+    first = read_metrics(out)[0]
+    assert first["val_greedy_acc"] == 0 and first["val_greedy_attempts"] >= 2, first
+    have_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert os.path.exists(out / "curves.png") == have_mpl
