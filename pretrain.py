@@ -199,9 +199,8 @@ def evaluate(model, tok, rows, max_new_tokens, batch=128):
                              eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:]
         for r, g in zip(part, gen):
             text = tok.decode(g, skip_special_tokens=True)
-            truth = r["reward_model"]["ground_truth"]
             sc = rewards.score(r, text)
-            aha = rewards.aha_metrics(text, truth["target"], truth["numbers"])
+            aha = rewards.row_aha_metrics(r, text)
             n_tok = int((g != tok.pad_token_id).sum())
             for k, v in (("reward", sc), ("acc", sc == 1.0), ("len", n_tok), ("attempts", aha["attempts"]),
                          ("answer_hits", aha["answer_hits"]), ("stop_after_hit", aha["stopped_after_first_hit"])):

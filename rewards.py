@@ -266,6 +266,11 @@ def multiply_reward(response, answer, format_score=0.1):
     return 1.0 if int(text) == answer else float(format_score)
 
 
+def is_countdown(row):
+    """True when a data row's data_source names Countdown (matched as a substring, like TinyZero)."""
+    return any(s in str(row.get("data_source", "")) for s in COUNTDOWN_SOURCES)
+
+
 def score(row, response, format_score=0.1):
     """Score a response to a data row, picking the reward by the row's data_source.
 
@@ -289,7 +294,7 @@ def score(row, response, format_score=0.1):
     """
     source = str(row.get("data_source", ""))
     truth = row["reward_model"]["ground_truth"]
-    if any(s in source for s in COUNTDOWN_SOURCES):
+    if is_countdown(row):
         # int() also turns numpy integers from parquet files into plain ints
         return countdown_reward(response, int(truth["target"]), [int(x) for x in truth["numbers"]], format_score)
     if any(s in source for s in MULTIPLY_SOURCES):
@@ -434,3 +439,16 @@ def aha_metrics(response, target, numbers):
     tokens = _tokenize(answer) if answer is not None else None
     return {"attempts": attempts, "hits": hits, "answer_hits": bool(tokens) and _steps_of(tokens) in hit_steps,
             "stopped_after_first_hit": first_hit is not None and first_hit == attempts}
+
+
+def row_aha_metrics(row, response):
+    """aha_metrics of a response to a Countdown data row (its target and numbers); None for other tasks.
+
+    >>> row = {"data_source": "countdown", "reward_model": {"ground_truth": {"target": 20, "numbers": [3, 7, 2]}}}
+    >>> row_aha_metrics(row, "3+7=10,10*2=20</think>\\n<answer>(3+7)*2</answer>")["answer_hits"]
+    True
+    """
+    if not is_countdown(row):
+        return None
+    truth = row["reward_model"]["ground_truth"]
+    return aha_metrics(response, truth["target"], truth["numbers"])

@@ -235,18 +235,20 @@ if cuda:
 dist.init_process_group("nccl" if cuda else "gloo")
 mesh = init_device_mesh(device.type, (world,))
 
+# A model made by pretrain.py says what it was pretrained on: the tasks to generate, and our small-model defaults.
+made = os.path.join(args.model, "pretrain.json")
+pretrained = json.load(open(made))["args"] if os.path.isfile(made) else None
+
 # data: generated on rank 0 when --data is empty, then read by every rank
 if not args.data:
     args.data = os.path.join(args.out, "data")
     if master and not os.path.exists(os.path.join(args.data, "test.jsonl")):
         # A base model made by pretrain.py gets the tasks and the prompt template it was pretrained on; any
         # other model small Countdown tasks in TinyZero's prompt. 500 test tasks: the validation set.
-        made = os.path.join(args.model, "pretrain.json")
         kw = dict(num_counts=(3,), num_range=(1, 20), target_range=(10, 50), template="base")
-        if os.path.isfile(made):
-            pa = json.load(open(made))["args"]
-            kw = dict(num_counts=pa["num_counts"], num_range=pa["num_range"], target_range=pa["target_range"],
-                      template="tiny")
+        if pretrained:
+            kw = dict(num_counts=pretrained["num_counts"], num_range=pretrained["num_range"],
+                      target_range=pretrained["target_range"], template="tiny")
         tr, te = data.make_splits("countdown", 2048, 500, seed=args.seed, workers=1, **kw)
         data.write_rows(tr, os.path.join(args.data, "train.jsonl"))
         data.write_rows(te, os.path.join(args.data, "test.jsonl"))
@@ -318,7 +320,7 @@ critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_
                     critic=True) if args.algo == "ppo" else None
 # a model of ours (random tiny, or made by pretrain.py) takes the CPU learning rates measured for the built-in
 # base (README), any other TinyZero's
-small = args.model == "tiny" or os.path.isfile(os.path.join(model_path, "pretrain.json"))
+small = args.model == "tiny" or pretrained is not None
 lr, critic_lr = args.lr or (SMALL_LR if small else 1e-6), args.critic_lr or (1e-4 if small else 1e-5)
 opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=args.weight_decay)
 critic_opt = torch.optim.AdamW(critic.parameters(), lr=critic_lr, weight_decay=args.weight_decay) if critic else None
@@ -409,9 +411,7 @@ def validate(step):
     out = {}
     for name, temp in (("val", args.temperature), ("val_greedy", 0.0))[0 if args.eval_sampled else 1:]:
         samples, texts, scores, _ = sample_and_score(rows, prompts, 1, temp, seed=10**6 * (step + 1) + rank)
-        aha = [rewards.aha_metrics(t, r["reward_model"]["ground_truth"]["target"],
-                                   r["reward_model"]["ground_truth"]["numbers"])
-               for r, t in zip(rows, texts) if "countdown" in str(r.get("data_source", ""))]
+        aha = [a for a in map(rewards.row_aha_metrics, rows, texts) if a is not None]
         s = allreduce_sums({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
                             "len": sum(len(x["token_ids"]) for x in samples), "n_aha": len(aha),
                             **{k: sum(a[k] for a in aha) for k in ("attempts", "answer_hits",

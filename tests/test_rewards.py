@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import rewards  # noqa: E402
 from rewards import countdown_reward, evaluate_expression, extract_answer, multiply_reward, score  # noqa: E402
 
@@ -272,3 +273,14 @@ def test_aha_metrics_fuzz_never_raises(text):
     m = rewards.aha_metrics(text, 20, [3, 7, 2])
     assert 0 <= m['hits'] <= m['attempts'] and isinstance(m['answer_hits'], bool)
     assert not m['stopped_after_first_hit'] or m['hits'] >= 1
+
+
+def test_row_aha_metrics_dispatches_on_data_source_like_score():
+    """Countdown rows (data_source containing 'countdown', as score() matches them) get aha_metrics with the
+    row's target and numbers; rows of other tasks get None, where score() gives the multiplication reward."""
+    response = "3*2=6,6+7=13;3+7=10,10*2=20</think>\n<answer>(3+7)*2</answer>"
+    row = data.countdown_row({"target": 20, "numbers": [3, 7, 2]}, "base", "test", 0)
+    assert rewards.row_aha_metrics(row, response) == rewards.aha_metrics(response, 20, [3, 7, 2])
+    assert rewards.row_aha_metrics(row, response)["answer_hits"] is True
+    mult = {"data_source": "multiply", "reward_model": {"ground_truth": 408}}
+    assert rewards.row_aha_metrics(mult, "<answer>408</answer>") is None
