@@ -15,9 +15,9 @@ The corpus is a stream of documents, each followed by the EOS token <|endoftext|
     (one line in the corpus). An attempt combines two numbers of the pool at a time, with a non-negative
     integer result (+ and * keep the order, - and / put the larger number first, / only when it divides),
     until one number is left; steps are joined by ',', the check 'T<' / 'T=' / 'T>' (the target, and how it
-    compares with the result) follows ':', attempts are joined by ';'. all_attempts() lists every distinct attempt in one fixed
-    order (pairs by position, operations + - * /; 23-47 for 3 numbers); a trace is the first K of that list,
-    where after each attempt it stops with probability --stop-prob (K ~ 10 on average).
+    compares with the result) follows ':', attempts are joined by ';'. all_attempts() lists every distinct
+    attempt in one fixed order (pairs by position, operations + - * /; 23-47 for 3 numbers); a trace is the
+    first K of that list, where after each attempt it stops with probability --stop-prob (K ~ 10 on average).
     Where a trace stops and what it answers never depend on the target: a check that reads 'T=' is followed
     by more attempts as often as any other. So the model learns to copy the numbers, try every combination in
     order, compute, compare with the target and answer in the reward's format; it never sees a check used:
@@ -190,7 +190,7 @@ def evaluate(model, tok, rows, max_new_tokens, batch=128):
     """Greedy decoding of rows (data.py rows); returns mean reward, accuracy, aha metrics, two samples."""
     model.eval()
     tok.padding_side = "left"
-    out = {"reward": 0.0, "acc": 0.0, "len": 0.0, "attempts": 0.0, "answer_hits": 0.0, "stop_after_hit": 0.0}
+    out = dict.fromkeys(("reward", "acc", "len") + rewards.AHA_KEYS, 0.0)
     samples = []
     for s in range(0, len(rows), batch):
         part = rows[s:s + batch]
@@ -202,8 +202,7 @@ def evaluate(model, tok, rows, max_new_tokens, batch=128):
             sc = rewards.score(r, text)
             aha = rewards.row_aha_metrics(r, text)
             n_tok = int((g != tok.pad_token_id).sum())
-            for k, v in (("reward", sc), ("acc", sc == 1.0), ("len", n_tok), ("attempts", aha["attempts"]),
-                         ("answer_hits", aha["answer_hits"]), ("stop_after_hit", aha["stopped_after_first_hit"])):
+            for k, v in {"reward": sc, "acc": sc == 1.0, "len": n_tok, **{a: aha[a] for a in rewards.AHA_KEYS}}.items():
                 out[k] += float(v) / len(rows)
             if len(samples) < 2:
                 samples.append(data.prompt_text(r) + text)

@@ -376,6 +376,9 @@ def _step(text):
     return left[0], left[1], left[2], right[0]
 
 
+AHA_KEYS = ("attempts", "answer_hits", "stop_after_hit")  # what train.py and pretrain.py log (means over responses)
+
+
 def aha_metrics(response, target, numbers):
     """Parse the think trace of a Countdown response into attempts and say how the answer relates to them.
 
@@ -398,14 +401,14 @@ def aha_metrics(response, target, numbers):
          'answer_hits': True when the final answer (extract_answer) performs the same operations as an
              attempt that hit: the same steps a op b = r (operands of + and * in either order), whatever the
              order they are written in and the parentheses (so '(3+7)*2' and '2*(7+3)', not '3+7*2'),
-         'stopped_after_first_hit': True when some attempt hits and the first one that does is the
-             trace's last attempt}.
+         'stop_after_hit': True when some attempt hits and the first one that does is the trace's last
+             attempt}.
     Linear in the length of the response, which is cut at MAX_TRACE_CHARS; never raises.
 
     >>> aha_metrics("7-3=4,4*2=8;3*2=6,6+7=13;3+7=10,10*2=20</think>\\n<answer>(3+7)*2</answer>", 20, [3, 7, 2])
-    {'attempts': 3, 'hits': 1, 'answer_hits': True, 'stopped_after_first_hit': True}
+    {'attempts': 3, 'hits': 1, 'answer_hits': True, 'stop_after_hit': True}
     >>> aha_metrics("3+7=10,10*2=20;7-2=5,5*3=15</think>\\n<answer>(7-2)*3</answer>", 20, [3, 7, 2])
-    {'attempts': 2, 'hits': 1, 'answer_hits': False, 'stopped_after_first_hit': False}
+    {'attempts': 2, 'hits': 1, 'answer_hits': False, 'stop_after_hit': False}
     """
     text = response[:MAX_TRACE_CHARS] if isinstance(response, str) else ""
     end = text.find("</think>")
@@ -438,7 +441,7 @@ def aha_metrics(response, target, numbers):
     answer = extract_answer(text)
     tokens = _tokenize(answer) if answer is not None else None
     return {"attempts": attempts, "hits": hits, "answer_hits": bool(tokens) and _steps_of(tokens) in hit_steps,
-            "stopped_after_first_hit": first_hit is not None and first_hit == attempts}
+            "stop_after_hit": first_hit is not None and first_hit == attempts}
 
 
 def row_aha_metrics(row, response):

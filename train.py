@@ -151,8 +151,7 @@ def plot_curves(metrics_path, png_path):
         return False
     rows = [json.loads(line) for line in open(metrics_path)]
     keys = [k for k in ("reward_mean", "acc", "response_len", "val_greedy_acc", "val_acc", "val_greedy_response_len",
-                        "val_greedy_attempts", "val_greedy_answer_hits", "val_greedy_stop_after_hit")
-            if any(r.get(k) is not None for r in rows)]
+                        *(f"val_greedy_{a}" for a in rewards.AHA_KEYS)) if any(r.get(k) is not None for r in rows)]
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2 * len(keys)), sharex=True, squeeze=False)
     for ax, k in zip(axes[:, 0], keys):
         pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
@@ -414,14 +413,12 @@ def validate(step):
         aha = [a for a in map(rewards.row_aha_metrics, rows, texts) if a is not None]
         s = allreduce_sums({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
                             "len": sum(len(x["token_ids"]) for x in samples), "n_aha": len(aha),
-                            **{k: sum(a[k] for a in aha) for k in ("attempts", "answer_hits",
-                                                                     "stopped_after_first_hit")}})
+                            **{k: sum(a[k] for a in aha) for k in rewards.AHA_KEYS}})
         n, n_aha = max(s["n"], 1), s["n_aha"]
         out.update({f"{name}_reward": s["reward"] / n, f"{name}_acc": s["acc"] / n,
                     f"{name}_response_len": s["len"] / n})
         if n_aha:
-            out.update({f"{name}_attempts": s["attempts"] / n_aha, f"{name}_answer_hits": s["answer_hits"] / n_aha,
-                        f"{name}_stop_after_hit": s["stopped_after_first_hit"] / n_aha})
+            out.update({f"{name}_{k}": s[k] / n_aha for k in rewards.AHA_KEYS})
         if master and args.log_samples:
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
             with open(os.path.join(args.out, "samples", f"step_{step}_{name}.jsonl"), "w") as f:

@@ -30,7 +30,7 @@ def test_all_attempts_are_distinct_correct_and_use_every_number(numbers):
         response = f"{text}</think>\n<answer>{expr}</answer>"
         assert rewards.countdown_reward(response, result, numbers) == 1.0
         assert rewards.aha_metrics(response, result, numbers) == {
-            'attempts': 1, 'hits': 1, 'answer_hits': True, 'stopped_after_first_hit': True}
+            'attempts': 1, 'hits': 1, 'answer_hits': True, 'stop_after_hit': True}
     assert len(pretrain.all_attempts([3, 7, 2])) == 31
 
 

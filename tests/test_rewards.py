@@ -208,18 +208,18 @@ def aha(trace, answer, target=20, numbers=(3, 7, 2)):
 def test_aha_metrics_attempts_hits_and_stopping():
     hit = "3+7=10,10*2=20"
     assert aha(f"7-3=4,4*2=8;{hit}", "(3+7)*2") == {'attempts': 2, 'hits': 1, 'answer_hits': True,
-                                                    'stopped_after_first_hit': True}
+                                                    'stop_after_hit': True}
     # the hit is not the last attempt: the answer (the last attempt) misses
     assert aha(f"{hit};7-2=5,5*3=15", "(7-2)*3") == {'attempts': 2, 'hits': 1, 'answer_hits': False,
-                                                   'stopped_after_first_hit': False}
+                                                   'stop_after_hit': False}
     # two hits, the answer is the first one: it hits, but the trace did not stop at it
     m = aha(f"{hit};2*7=14,14+3=17;{hit}", "(3+7)*2")
-    assert m == {'attempts': 3, 'hits': 2, 'answer_hits': True, 'stopped_after_first_hit': False}
+    assert m == {'attempts': 3, 'hits': 2, 'answer_hits': True, 'stop_after_hit': False}
     # the same tree in another order, or with extra parentheses, is the same answer; another tree is not
     for answer, same in [("2*(7+3)", True), ("((3+7))*2", True), (" ( 3 + 7 ) * 2 ", True), ("3+7*2", False),
                          ("(3+7)*2+0", False), ("", False), ("(3+7)*", False)]:
         assert aha(hit, answer)['answer_hits'] is same, answer
-    assert aha("", "(3+7)*2") == {'attempts': 0, 'hits': 0, 'answer_hits': False, 'stopped_after_first_hit': False}
+    assert aha("", "(3+7)*2") == {'attempts': 0, 'hits': 0, 'answer_hits': False, 'stop_after_hit': False}
 
 
 @pytest.mark.parametrize('trace', [
@@ -233,16 +233,16 @@ def test_aha_metrics_attempts_hits_and_stopping():
 def test_aha_metrics_needs_a_correct_complete_solution(trace):
     for target in (20, 21):
         m = aha(trace, "0", target)
-        assert m['attempts'] == 1 and m['hits'] == 0 and not m['stopped_after_first_hit']
+        assert m['attempts'] == 1 and m['hits'] == 0 and not m['stop_after_hit']
 
 
 def test_aha_metrics_parsing_is_tolerant():
     # spaces, junk pieces, a '<think>' in the response, no '</think>', division, a negative step
     r = "<think>let me try: 8 / 2 = 4 , 4 * 3 = 12; hmm;;; 3-8=-5,-5+... ; 8/2=4,4*3=12 <answer>(8/2)*3</answer>"
     assert rewards.aha_metrics(r, 12, [8, 2, 3]) == {'attempts': 3, 'hits': 2, 'answer_hits': True,
-                                                      'stopped_after_first_hit': False}
+                                                      'stop_after_hit': False}
     assert rewards.aha_metrics("3-8=-5,-5+8=3;", 3, [3, 8, 8]) == {'attempts': 1, 'hits': 1, 'answer_hits': False,
-                                                                  'stopped_after_first_hit': True}
+                                                                  'stop_after_hit': True}
     assert rewards.aha_metrics("so 3-8=-5, and -5+8 = 3 ok", 3, [3, 8, 8])["hits"] == 1
     for bad in (None, b"3+7=10", 42):
         assert rewards.aha_metrics(bad, 20, [3, 7, 2])['attempts'] == 0
@@ -262,7 +262,7 @@ def test_aha_metrics_hostile_inputs_are_bounded(name):
         t = time.perf_counter()
         m = rewards.aha_metrics(AHA_HOSTILE[name], 20, [3, 7, 2])
         times.append(time.perf_counter() - t)
-    assert set(m) == {'attempts', 'hits', 'answer_hits', 'stopped_after_first_hit'}
+    assert set(m) == {'attempts', 'hits', 'answer_hits', 'stop_after_hit'}
     assert min(times) < 20 * BOUND_S, (name, min(times))  # one validation response: well under 0.2 s
 
 
@@ -272,7 +272,7 @@ def test_aha_metrics_hostile_inputs_are_bounded(name):
 def test_aha_metrics_fuzz_never_raises(text):
     m = rewards.aha_metrics(text, 20, [3, 7, 2])
     assert 0 <= m['hits'] <= m['attempts'] and isinstance(m['answer_hits'], bool)
-    assert not m['stopped_after_first_hit'] or m['hits'] >= 1
+    assert not m['stop_after_hit'] or m['hits'] >= 1
 
 
 def test_row_aha_metrics_dispatches_on_data_source_like_score():
