@@ -23,6 +23,10 @@ The corpus is a stream of documents, each followed by the EOS token <|endoftext|
     order, compute, compare with the target and answer in the reward's format; it never sees a check used:
     no trace stops because of a hit or answers with it (the answer hits in ~6% of traces, the luck of where
     the trace stops). RL has to discover that: stop at the first '=' and answer with that attempt.
+    Except for --hit-stop-frac: that share of the traces stop at the first hit (when there is one) and answer
+    it, a faint prior of the skill, like the rare self-checks of a real base model, for RL to amplify. The
+    built-in base has 0.2 (its third stage, see the README): at this size, RL did not find the skill within
+    100 steps from 0, nor from 0.1 within 10 minutes.
     Why the checks are there: without them (the target appears only in the prompt) this 0.6M model could not
     learn to compare a result with the target far back in the prompt, not even by supervised fine-tuning on
     3,200 traces that stop at the first hit (greedy accuracy stayed ~1%); see the README.
@@ -142,15 +146,20 @@ def check_text(result, target):
     return f"{target}{'<' if target < result else '>' if target > result else '='}"
 
 
-def trace_response(numbers, target, rng, stop_prob):
+def trace_response(numbers, target, rng, stop_prob, hit_stop_frac=0.0):
     """The response to a Countdown prompt: the first K of all_attempts(numbers), each followed by ':' and its
     check_text against the target, where after each attempt the trace stops with probability stop_prob (and
     after the last one); then the LAST attempt as the answer (no EOS). Where it stops and what it answers
-    never depend on the target: the target only enters the checks' arithmetic."""
+    never depend on the target (the target only enters the checks' arithmetic), except in a share
+    hit_stop_frac of the traces, which stop at the first attempt that hits the target, when one does."""
     every = all_attempts(numbers)
-    k = 1
-    while k < len(every) and rng.random() >= stop_prob:
-        k += 1
+    hits = [i for i, (t, _) in enumerate(every) if int(t.rsplit("=", 1)[1]) == target]
+    if hit_stop_frac and hits and rng.random() < hit_stop_frac:  # no draw at 0: older corpora stay as they were
+        k = hits[0] + 1
+    else:
+        k = 1
+        while k < len(every) and rng.random() >= stop_prob:
+            k += 1
     tries = [f"{t}:{check_text(int(t.rsplit('=', 1)[1]), target)}" for t, _ in every[:k]]
     return ";".join(tries) + f"</think>\n<answer>{every[k - 1][1]}</answer>"
 
@@ -173,8 +182,8 @@ def corpus_batch(n, step, a):
     n_arith = sum(rng.random() < a.arith_frac for _ in range(n * BUCKET))
     tasks = data.make_countdown(n * BUCKET - n_arith, seed=f"pretrain:{a.seed}:{chunk}", num_counts=a.num_counts,
                                 num_range=a.num_range, target_range=a.target_range)
-    docs = [data.prompt_text(data.countdown_row(t, "tiny", "train", 0)) + trace_response(t["numbers"], t["target"],
-                                                                                         rng, a.stop_prob)
+    docs = [data.prompt_text(data.countdown_row(t, "tiny", "train", 0))
+            + trace_response(t["numbers"], t["target"], rng, a.stop_prob, a.hit_stop_frac)
             for t in tasks] + [arith_doc(rng) for _ in range(n_arith)]
     rng.shuffle(docs)
     docs.sort(key=len)
@@ -236,6 +245,8 @@ def main():
     a("--bf16", type=int, default=0, help="1: bfloat16 autocast (fast on CPUs with AVX512-BF16/AMX; 10-50x slower "
       "than float32 on AVX2-only CPUs); 0: float32")
     a("--stop-prob", type=float, default=0.1, help="a trace stops after each attempt with this probability")
+    a("--hit-stop-frac", type=float, default=0.0, help="share of traces that stop at the first attempt that hits "
+      "the target (and answer it): a faint prior of a used check, for RL to amplify")
     a("--arith-frac", type=float, default=0.2, help="share of arithmetic drill documents")
     a("--num-counts", type=int, nargs="+", default=[3], help="numbers per Countdown task")
     a("--num-range", type=int, nargs=2, default=[1, 9], metavar=("LO", "HI"), help="numbers in LO..HI")

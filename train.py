@@ -42,7 +42,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 # The defaults are the CPU defaults measured for the built-in base (README, "The built-in default"); the README
 # gives TinyZero's flags for Qwen2.5 on GPUs.
-SMALL_LR = 1.5e-4
+SMALL_LR, SMALL_KL = 1.5e-4, 0.1
 p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 a = p.add_argument
 a("--model", default="assets/countdown-base", help="a local transformers model folder (the default: the "
@@ -52,7 +52,7 @@ a("--data", default="", help="folder with train and test files from data.py (jso
 a("--algo", default="grpo", choices=["ppo", "grpo"], help="ppo: critic + GAE (TinyZero's default); grpo: "
   "group-relative advantages, no critic")
 a("--out", default="runs/default", help="run folder: metrics.jsonl, samples/, checkpoints/")
-a("--steps", type=int, default=80, help="RL steps (one batch of prompts each)")
+a("--steps", type=int, default=40, help="RL steps (one batch of prompts each)")
 a("--batch-prompts", type=int, default=8, help="prompts per step over all ranks (TinyZero: 256)")
 a("--group-size", type=int, default=16, help="responses sampled per prompt (GRPO's group)")
 a("--mini-batch-prompts", type=int, default=0, help="prompts per optimizer step; 0: the whole batch "
@@ -82,8 +82,9 @@ a("--clip-high", type=float, default=0.2, help="PPO ratio clip above: ratio <= 1
 a("--loss-agg", default="token-mean", choices=list(ppo.LOSS_AGG_MODES), help="how per-token losses become "
   "one number: token-mean over the batch, seq-mean (GRPO paper), token-sum / constant (Dr. GRPO)")
 a("--no-std-scale", action="store_true", help="GRPO: do not divide advantages by the group std (Dr. GRPO)")
-a("--kl-coef", type=float, default=0.0, help="KL-to-reference coefficient (TinyZero: 0.001); 0 skips the "
-  "reference model. PPO puts k1 in the reward, GRPO adds --kl-estimator to the loss")
+a("--kl-coef", type=float, default=-1.0, help=f"KL-to-reference coefficient; negative: {SMALL_KL:g} for our small "
+  "models, TinyZero's 0.001 for any other; 0 skips the reference model. PPO puts k1 in the reward, GRPO adds "
+  "--kl-estimator to the loss")
 a("--kl-estimator", default="k3", choices=list(ppo.KL_ESTIMATORS), help="GRPO's KL loss estimator")
 a("--kl-ctrl", default="fixed", choices=["fixed", "adaptive"], help="PPO: keep --kl-coef, or steer it toward "
   "--kl-target (TinyZero's kl_ctrl)")
@@ -312,21 +313,21 @@ def load_model(path, trainable, critic=False):
     return shard(m, mesh, mp_policy)
 
 
-torch.manual_seed(args.seed)
-policy = load_model(init_path, trainable=True)
-ref = load_model(model_path, trainable=False) if args.kl_coef > 0 else None
-critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_path, trainable=True,
-                    critic=True) if args.algo == "ppo" else None
-# a model of ours (random tiny, or made by pretrain.py) takes the CPU learning rates measured for the built-in
-# base (README), any other TinyZero's
+# a model of ours (random tiny, or made by pretrain.py) takes the CPU learning rates and KL coefficient measured
+# for the built-in base (README), any other TinyZero's
 small = args.model == "tiny" or pretrained is not None
 lr, critic_lr = args.lr or (SMALL_LR if small else 1e-6), args.critic_lr or (1e-4 if small else 1e-5)
+kl_coef = args.kl_coef if args.kl_coef >= 0 else SMALL_KL if small else 1e-3  # PPO's adaptive controller changes it
+torch.manual_seed(args.seed)
+policy = load_model(init_path, trainable=True)
+ref = load_model(model_path, trainable=False) if kl_coef > 0 else None
+critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_path, trainable=True,
+                    critic=True) if args.algo == "ppo" else None
 opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=args.weight_decay)
 critic_opt = torch.optim.AdamW(critic.parameters(), lr=critic_lr, weight_decay=args.weight_decay) if critic else None
 warmup = lambda s: min(1.0, (s + 1) / (args.warmup + 1))  # noqa: E731
 sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
 critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, warmup) if critic else None
-kl_coef = args.kl_coef  # PPO's adaptive controller changes it
 start_step = 0
 if resume_dir:
     for model, optim, name in ((policy, opt, "optimizer.pt"), (critic, critic_opt, "critic_optimizer.pt")):

@@ -16,7 +16,7 @@ import pretrain  # noqa: E402
 import rewards  # noqa: E402
 
 OPTS = argparse.Namespace(seed=0, arith_frac=0.2, num_counts=[3], num_range=[1, 9], target_range=[10, 50],
-                          stop_prob=0.1)
+                          stop_prob=0.1, hit_stop_frac=0.0)
 
 
 @pytest.mark.parametrize('numbers', [[3, 7, 2], [9, 9, 8], [5, 5, 5], [1, 2, 3, 4]])
@@ -53,6 +53,23 @@ def test_trace_stops_and_answers_whatever_the_target():
         assert same[0] == same[1] and texts[0].split('<answer>')[1] == texts[1].split('<answer>')[1]
         lengths.append(len(same[0]))
     assert 6 < sum(lengths) / len(lengths) < 12 and max(lengths) > 20
+
+
+def test_hit_stop_frac_is_the_share_of_traces_that_stop_at_the_first_hit():
+    """--hit-stop-frac f: a share f of the traces stop at the first attempt that hits and answer it; the rest
+    are the target-blind traces above. f = 0 draws nothing more, so an older corpus stays as it was."""
+    numbers = [4, 6, 2]
+    results = [int(t.rsplit('=', 1)[1]) for t, _ in pretrain.all_attempts(numbers)]
+    first_hit = {r: results.index(r) for r in results if 10 <= r <= 50}
+    for target in (min(first_hit, key=first_hit.get), max(first_hit, key=first_hit.get)):  # an early, a late hit
+        k = first_hit[target]
+        texts = [pretrain.trace_response(numbers, target, random.Random(s), 0.1, 0.3) for s in range(2000)]
+        at_hit = [t for t in texts if t.split('</think>')[0].count(';') == k]  # stopped after attempt k + 1
+        expected = 0.3 + 0.7 * 0.1 * 0.9 ** k  # the checked traces, plus the target-blind ones that stop there
+        assert abs(len(at_hit) / len(texts) - expected) < 0.04, (target, k, len(at_hit) / len(texts), expected)
+        assert all(rewards.countdown_reward(t, target, numbers) == 1.0 for t in at_hit)
+    blind = [pretrain.trace_response(numbers, 12, random.Random(s), 0.1) for s in range(50)]
+    assert blind == [pretrain.trace_response(numbers, 12, random.Random(s), 0.1, 0.0) for s in range(50)]
 
 
 def test_corpus_prompts_are_the_rl_prompts_and_hits_are_chance():

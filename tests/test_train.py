@@ -325,8 +325,9 @@ def test_long_prompts_drop(tiny_model, tmp_path):
 # the default model: the built-in base (assets/countdown-base), with tasks in its own template
 def test_default_model_is_the_built_in_base(tmp_path):
     """No --model and no --data: train.py loads assets/countdown-base and generates the tasks it was pretrained
-    on (pretrain.json) in its 'tiny' template. Its greedy search never stops within 64 tokens, so validation
-    starts at accuracy 0 with the aha metrics logged; the curves PNG is written when matplotlib is installed."""
+    on (pretrain.json) in its 'tiny' template. Its greedy search rarely stops (~5% of tasks), never within 64
+    tokens on these 8, so validation starts at accuracy 0 with the aha metrics logged; the curves PNG is
+    written when matplotlib is installed."""
     out = tmp_path / "run"
     res = torchrun(TRAIN, ["--out", out, "--steps", "1", "--batch-prompts", "2", "--group-size", "4",
                            "--eval-prompts", "8", "--max-response-len", "64", "--rollout", "hf"], timeout=420)
@@ -340,3 +341,20 @@ def test_default_model_is_the_built_in_base(tmp_path):
     assert first["val_greedy_acc"] == 0 and first["val_greedy_attempts"] >= 2, first
     have_mpl = importlib.util.find_spec("matplotlib") is not None
     assert os.path.exists(out / "curves.png") == have_mpl
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_default_run_learns_to_stop_at_the_hit(tmp_path):
+    """The phenomenon itself (issue 5): the default run (GRPO on the built-in base, 2 ranks, vLLM), cut to 10
+    steps and 200 validation tasks, lifts greedy accuracy from <= 10% to >= 30% (measured on 500 tasks with
+    seeds 0, 1, 2: see the README's table), and the aha metrics move with it: responses stop at a hit."""
+    out = tmp_path / "run"
+    res = torchrun(TRAIN, ["--out", out, "--steps", "10", "--eval-prompts", "200"], timeout=600)
+    assert res.returncode == 0, res.tail()
+    m = read_metrics(out)
+    first, last = m[0], m[-1]
+    assert first["step"] == 0 and last["step"] == 10 and first["val_greedy_acc"] <= 0.1, first
+    assert last["val_greedy_acc"] >= 0.3, (first["val_greedy_acc"], last["val_greedy_acc"])
+    assert last["val_greedy_stop_after_hit"] >= 0.3, last
+    assert last["val_greedy_response_len"] < first["val_greedy_response_len"], (first, last)
