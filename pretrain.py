@@ -153,14 +153,14 @@ def trace_response(numbers, target, rng, stop_prob, hit_stop_frac=0.0):
     never depend on the target (the target only enters the checks' arithmetic), except in a share
     hit_stop_frac of the traces, which stop at the first attempt that hits the target, when one does."""
     every = all_attempts(numbers)
-    hits = [i for i, (t, _) in enumerate(every) if int(t.rsplit("=", 1)[1]) == target]
-    if hit_stop_frac and hits and rng.random() < hit_stop_frac:  # no draw at 0: older corpora stay as they were
-        k = hits[0] + 1
+    results = [int(t.rsplit("=", 1)[1]) for t, _ in every]
+    if hit_stop_frac and target in results and rng.random() < hit_stop_frac:  # no draw at 0: older corpora stay
+        k = results.index(target) + 1
     else:
         k = 1
         while k < len(every) and rng.random() >= stop_prob:
             k += 1
-    tries = [f"{t}:{check_text(int(t.rsplit('=', 1)[1]), target)}" for t, _ in every[:k]]
+    tries = [f"{t}:{check_text(r, target)}" for (t, _), r in zip(every[:k], results)]
     return ";".join(tries) + f"</think>\n<answer>{every[k - 1][1]}</answer>"
 
 
