@@ -43,6 +43,7 @@ import time
 
 import torch
 
+import aha
 import data
 import rewards
 
@@ -199,7 +200,7 @@ def evaluate(model, tok, rows, max_new_tokens, batch=128):
     """Greedy decoding of rows (data.py rows); returns mean reward, accuracy, aha metrics, two samples."""
     model.eval()
     tok.padding_side = "left"
-    out = dict.fromkeys(("reward", "acc", "len") + rewards.AHA_KEYS, 0.0)
+    out = dict.fromkeys(("reward", "acc", "len") + aha.KEYS, 0.0)
     samples = []
     for s in range(0, len(rows), batch):
         part = rows[s:s + batch]
@@ -209,9 +210,9 @@ def evaluate(model, tok, rows, max_new_tokens, batch=128):
         for r, g in zip(part, gen):
             text = tok.decode(g, skip_special_tokens=True)
             sc = rewards.score(r, text)
-            aha = rewards.row_aha_metrics(r, text)
+            found = aha.row_metrics(r, text)
             n_tok = int((g != tok.pad_token_id).sum())
-            for k, v in {"reward": sc, "acc": sc == 1.0, "len": n_tok, **{a: aha[a] for a in rewards.AHA_KEYS}}.items():
+            for k, v in {"reward": sc, "acc": sc == 1.0, "len": n_tok, **{a: found[a] for a in aha.KEYS}}.items():
                 out[k] += float(v) / len(rows)
             if len(samples) < 2:
                 samples.append(data.prompt_text(r) + text)

@@ -12,31 +12,42 @@ The rules (the same as TinyZero's, minus its holes):
      the innermost one), with surrounding whitespace stripped. Text outside the block is ignored.
      No complete block -> 0.0.
   2. A block is present but anything about it is wrong or unparsable -> format_score (default 0.1).
-  3. Countdown, 1.0 when the answer is an expression made only of non-negative decimal integers,
-     + - * /, parentheses and whitespace (a sign in front of a number or a parenthesis is accepted, as
-     Python would), whose integers are exactly the given numbers as a multiset (each used once), and whose
-     value, computed with exact fractions, equals the target. Intermediate fractions and negatives are
-     allowed (8 / (3 - 8 / 3) = 24 is correct), as in TinyZero. Division by zero -> format_score.
+  3. Countdown, 1.0 when the answer is an expression made only of non-negative decimal integers (leading
+     zeros allowed: '08' is 8), + - * /, parentheses and whitespace (a sign in front of a number or a
+     parenthesis is accepted, as Python would), whose integers are exactly the given numbers as a multiset
+     (each used once), and whose value, computed with exact fractions, equals the target. Intermediate
+     fractions and negatives are allowed (8 / (3 - 8 / 3) = 24 is correct), as in TinyZero. Division by
+     zero -> format_score.
   4. Multiplication, 1.0 when the answer is a plain integer (ASCII digits, an optional leading minus, no
      commas, spaces, underscores, signs or decimals) equal to the product.
 
-Model output is hostile input. There is no eval(). Everything that is not one of the tokens above is
-rejected, which closes the exploits that TinyZero's eval()-based check pays 1.0 for: `3**2*1` (power),
-`(7//2)*4` (floor division), `1.5*10` (decimals); and `44**19**35`, which hangs it, is rejected in
-microseconds. Work is linear in the length of the response and bounded: the answer is located with two
-str.rfind calls (no backtracking regex), answers longer than MAX_ANSWER_CHARS, integer literals longer than
-MAX_DIGITS and nesting deeper than MAX_DEPTH are rejected before any arithmetic. The reward functions never
-raise on any response.
+Model output is hostile input. There is no eval(). A Countdown answer is checked in three steps: its
+characters (only ASCII digits, + - * / ( ) and whitespace), then its syntax with Python's own parser
+(ast.parse builds a tree and executes nothing), then the tree, which may hold only integer literals, the
+operators + - * / and signs; the tree is evaluated with fractions.Fraction. This closes the exploits that
+TinyZero's eval()-based check pays 1.0 for: `1.5*10` (decimals) fails the characters, `3**2*1` (power) and
+`(7//2)*4` (floor division) fail the tree; and `44**19**35`, which hangs it, is rejected in microseconds.
+Work is linear in the length of the response and bounded: the answer is located with two str.rfind calls
+(no backtracking regex); answers longer than MAX_ANSWER_CHARS, integer literals longer than MAX_DIGITS and
+numbers nested in more than MAX_DEPTH parentheses and signs are rejected before any arithmetic. The reward
+functions never raise on any response.
 """
 
+import ast
+import itertools
+import operator
+import re
 from fractions import Fraction
 
 MAX_ANSWER_CHARS = 1000  # a real Countdown answer is < 50 characters; longer ones are junk or an attack
 MAX_DIGITS = 100  # longest integer literal accepted in an expression (Countdown numbers have 1-2 digits)
-MAX_DEPTH = 100  # deepest nesting of parentheses and signs; bounds the recursion of the parser
+MAX_DEPTH = 100  # most parentheses and signs around a number; CPython's parser gives up at 200 parentheses
 OPEN, CLOSE = "<answer>", "</answer>"
 COUNTDOWN_SOURCES = ("countdown",)  # score() matches these as substrings of data_source, like TinyZero
 MULTIPLY_SOURCES = ("multiply", "arithmetic")
+ALLOWED = re.compile(r"[0-9+\-*/()\s]*")  # [0-9], not \d, which also matches unicode digits such as "٣"
+OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+NODES = (ast.BinOp, ast.UnaryOp, ast.Constant, ast.UAdd, ast.USub, *OPERATORS)  # all that an answer's tree may hold
 
 
 def extract_answer(response):
@@ -69,33 +80,14 @@ def extract_answer(response):
     return response[start:response.find(CLOSE, start)].strip()
 
 
-def _tokenize(expression):
-    """Split an expression into integer literals (as int) and the one-character operators + - * / ( ).
-
-    Returns None on any other character (letters, '.', '_', '^', '=', unicode digits, ...), on an integer
-    literal longer than MAX_DIGITS, or on an expression longer than MAX_ANSWER_CHARS.
-    """
-    if not isinstance(expression, str) or len(expression) > MAX_ANSWER_CHARS:
+def _literals(expression):
+    """The integer literals of `expression` as digit strings, or None when it is not a str, is longer than
+    MAX_ANSWER_CHARS, has a literal longer than MAX_DIGITS, or has any character other than ASCII digits,
+    + - * / ( ) and whitespace (letters, '.', '_', '^', '=', unicode digits such as '٣', ...)."""
+    if not isinstance(expression, str) or len(expression) > MAX_ANSWER_CHARS or not ALLOWED.fullmatch(expression):
         return None
-    tokens, i, n = [], 0, len(expression)
-    while i < n:
-        c = expression[i]
-        if "0" <= c <= "9":  # ASCII only: str.isdigit() would also accept '²' and '٣'
-            j = i
-            while j < n and "0" <= expression[j] <= "9":
-                j += 1
-            if j - i > MAX_DIGITS:
-                return None
-            tokens.append(int(expression[i:j]))
-            i = j
-        elif c in "+-*/()":
-            tokens.append(c)
-            i += 1
-        elif c.isspace():
-            i += 1
-        else:
-            return None
-    return tokens
+    digits = re.findall("[0-9]+", expression)
+    return None if any(len(d) > MAX_DIGITS for d in digits) else digits
 
 
 def validate_numbers(expression, numbers):
@@ -105,8 +97,8 @@ def validate_numbers(expression, numbers):
         expression: the answer text, e.g. '(1 + 2) * 8'.
         numbers: the given numbers; order does not matter, repeats must be repeated in the expression.
     Returns:
-        True when the expression tokenizes (see the module docstring) and its integer literals equal
-        `numbers` as a multiset; False otherwise. It does not check the value.
+        True when the expression has only the allowed characters (see the module docstring) and its integer
+        literals equal `numbers` as a multiset; False otherwise. It checks neither the syntax nor the value.
 
     >>> validate_numbers("8 / (3 - 8 / 3)", [8, 3, 8, 3])
     True
@@ -115,20 +107,58 @@ def validate_numbers(expression, numbers):
     >>> validate_numbers("3 ** 2", [3, 2])  # integers are right; '**' is caught by the evaluator
     True
     """
-    tokens = _tokenize(expression)
-    if tokens is None:
-        return False
-    used = sorted(t for t in tokens if isinstance(t, int))
-    return used == sorted(numbers)
+    digits = _literals(expression)
+    return digits is not None and sorted(int(d) for d in digits) == sorted(numbers)
+
+
+def parse_expression(expression):
+    """Parse an arithmetic expression with Python's parser and check that its tree is only arithmetic.
+
+    Args:
+        expression: text made of non-negative decimal integers, + - * /, parentheses and whitespace.
+    Returns:
+        The root node of the expression's syntax tree (ast.BinOp, ast.UnaryOp or ast.Constant), or None when
+        the text is not such an expression: any other character; a tree with anything but integer literals,
+        the binary operators + - * / and the signs + -, so also '**', '//' and '()', which are made of
+        allowed characters; a syntax error; a number inside more than MAX_DEPTH parentheses and signs; an
+        integer literal longer than MAX_DIGITS; text longer than MAX_ANSWER_CHARS.
+
+    >>> type(parse_expression("8 / (3 - 8 / 3)")).__name__
+    'BinOp'
+    >>> print(parse_expression("3**2"), parse_expression("(1 + 2"), parse_expression("2 * x"))
+    None None None
+    """
+    if _literals(expression) is None:
+        return None
+    # On one line (a newline would end the expression), and without leading zeros (Python 3 rejects '08', we
+    # read it as 8, as int() does): blanks, so that every character stays in its column for the depth count.
+    source = re.sub(r"\s", " ", expression)
+    source = re.sub(r"\b0+(?=[0-9])", lambda m: " " * len(m.group()), source).strip()
+    try:
+        tree = ast.parse(source, mode="eval").body  # parses only; nothing is executed
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # not an expression, or CPython gave up on its depth
+        return None
+    # The depth of a number is the count of parentheses and signs around it. Each adds 1 from the column where it
+    # opens to the one where it closes; parentheses are counted in the text, since the tree keeps none.
+    change = [(c == "(") - (c == ")") for c in source] + [0]
+    nodes = list(ast.walk(tree))
+    for node in nodes:
+        if not isinstance(node, NODES) or isinstance(node, ast.Constant) and type(node.value) is not int:
+            return None  # type() also rejects True, which is an int
+        if isinstance(node, ast.UnaryOp):
+            change[node.col_offset] += 1
+            change[node.end_col_offset] -= 1
+    depth = list(itertools.accumulate(change))
+    if any(isinstance(node, ast.Constant) and depth[node.col_offset] > MAX_DEPTH for node in nodes):
+        return None
+    return tree
 
 
 def evaluate_expression(expression):
     """Evaluate an arithmetic expression exactly, without eval().
 
-    Grammar (recursive descent; * and / bind tighter than + and -, all left-associative):
-        expr   := term (('+' | '-') term)*
-        term   := factor (('*' | '/') factor)*
-        factor := INTEGER | '(' expr ')' | ('+' | '-') factor
+    Python's grammar: * and / bind tighter than + and -, all four are left-associative, and a sign binds
+    tighter than any of them ('-3 * 2' is (-3) * 2). The tree comes from parse_expression.
 
     Args:
         expression: text made of non-negative decimal integers, + - * /, parentheses and whitespace.
@@ -146,62 +176,21 @@ def evaluate_expression(expression):
     >>> print(evaluate_expression("1 / (2 - 2)"))
     None
     """
-    tokens = _tokenize(expression)
-    if not tokens:
+    tree = parse_expression(expression)
+    if tree is None:
         return None
-    pos = 0  # index of the next unread token, shared by the three nested parsers below
-
-    def expr(depth):
-        nonlocal pos
-        value = term(depth)
-        while pos < len(tokens) and tokens[pos] in ("+", "-"):
-            op = tokens[pos]
-            pos += 1
-            rhs = term(depth)
-            value = value + rhs if op == "+" else value - rhs
-        return value
-
-    def term(depth):
-        nonlocal pos
-        value = factor(depth)
-        while pos < len(tokens) and tokens[pos] in ("*", "/"):
-            op = tokens[pos]
-            pos += 1
-            rhs = factor(depth)
-            if op == "*":
-                value = value * rhs
-            elif rhs == 0:
-                raise ZeroDivisionError
-            else:
-                value = value / rhs
-        return value
-
-    def factor(depth):
-        nonlocal pos
-        if depth > MAX_DEPTH:  # "((((...": stop long before Python's recursion limit
-            raise ValueError("nested too deeply")
-        if pos >= len(tokens):
-            raise ValueError("expression ends early")
-        tok = tokens[pos]
-        pos += 1
-        if isinstance(tok, int):
-            return Fraction(tok)
-        if tok == "(":
-            value = expr(depth + 1)
-            if pos >= len(tokens) or tokens[pos] != ")":
-                raise ValueError("missing )")
-            pos += 1
-            return value
-        if tok in ("+", "-"):  # a sign: "-3 + 27", "-(3 - 8)"
-            value = factor(depth + 1)
-            return value if tok == "+" else -value
-        raise ValueError("unexpected " + tok)  # ')', '*' or '/' where a number belongs: '3**2', '7//2'
-
-    try:
-        value = expr(0)
-    except (ValueError, ZeroDivisionError):
-        return None
-    return value if pos == len(tokens) else None  # leftovers such as "3 4" or "(1))"
+    value = {}
+    # Children before their parents, in a loop: '1+1+...+1' is a tree 500 levels deep, too deep to recurse.
+    for node in reversed(list(ast.walk(tree))):
+        if isinstance(node, ast.Constant):
+            value[node] = Fraction(node.value)
+        elif isinstance(node, ast.UnaryOp):
+            value[node] = -value[node.operand] if isinstance(node.op, ast.USub) else value[node.operand]
+        elif isinstance(node, ast.BinOp):
+            if isinstance(node.op, ast.Div) and value[node.right] == 0:
+                return None
+            value[node] = OPERATORS[type(node.op)](value[node.left], value[node.right])
+    return value[tree]
 
 
 def countdown_reward(response, target, numbers, format_score=0.1):
@@ -301,157 +290,3 @@ def score(row, response, format_score=0.1):
         return multiply_reward(response, int(truth), format_score)
     raise ValueError(f"no reward for data_source {source!r}: known tasks contain one of "
                      f"{COUNTDOWN_SOURCES + MULTIPLY_SOURCES}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# "Aha" metrics: what the think trace of a Countdown response does, beyond its score
-
-MAX_TRACE_CHARS = 20_000  # responses are cut here (a CPU run's are < 2,000 characters; 1,024 tokens ~ 4,000)
-
-
-def _steps_of(tokens):
-    """The operations that the expression `tokens` (from _tokenize) performs, as a sorted tuple of steps
-    (a, op, b, result) with exact values, operands of + and * in ascending order; None when the tokens are not
-    an expression of the grammar of evaluate_expression, use a sign, or divide by zero."""
-    pos, steps = 0, []
-
-    def binary(depth, ops, operand):  # operand (op operand)*, left-associative
-        nonlocal pos
-        left = operand(depth)
-        while pos < len(tokens) and tokens[pos] in ops:
-            op = tokens[pos]
-            pos += 1
-            right = operand(depth)
-            if op == "/" and right == 0:
-                raise ValueError
-            value = left + right if op == "+" else left - right if op == "-" else left * right if op == "*" \
-                else left / right
-            a, b = (min(left, right), max(left, right)) if op in "+*" else (left, right)
-            steps.append((a, op, b, value))
-            left = value
-        return left
-
-    def factor(depth):
-        nonlocal pos
-        if depth > MAX_DEPTH or pos >= len(tokens):
-            raise ValueError
-        tok = tokens[pos]
-        pos += 1
-        if isinstance(tok, int):
-            return Fraction(tok)
-        if tok != "(":
-            raise ValueError  # signs too: the attempts never write them
-        value = binary(depth + 1, ("+", "-"), lambda d: binary(d, ("*", "/"), factor))
-        if pos >= len(tokens) or tokens[pos] != ")":
-            raise ValueError
-        pos += 1
-        return value
-
-    try:
-        binary(0, ("+", "-"), lambda d: binary(d, ("*", "/"), factor))
-    except ValueError:
-        return None
-    return tuple(sorted(steps)) if pos == len(tokens) else None
-
-
-def _step(text):
-    """The step in text: 'so 14+1=15' -> (14, '+', 1, 15), '3-8=-5' -> (3, '-', 8, -5); None unless the text
-    around its first '=' reads [-]INT OP INT = [-]INT (spaces allowed; anything before or after is ignored)."""
-    lhs, eq, rhs = text.partition("=")
-    i, j = len(lhs), 0
-    while i and lhs[i - 1] in "0123456789+-*/ ":  # the arithmetic just before '=' ...
-        i -= 1
-    while j < len(rhs) and rhs[j] in "0123456789- ":  # ... and the number just after it
-        j += 1
-    left, right = _tokenize(lhs[i:]), _tokenize(rhs[:j])
-    if not eq or not left or not right:
-        return None
-    if left[0] == "-" and len(left) == 4 and isinstance(left[1], int):  # a negative first operand
-        left = [-left[1]] + left[2:]
-    if right[0] == "-" and len(right) == 2 and isinstance(right[1], int):  # a negative result
-        right = [-right[1]]
-    if len(left) != 3 or left[1] not in ("+", "-", "*", "/") or len(right) != 1 or not all(
-            isinstance(x, int) for x in (left[0], left[2], right[0])):
-        return None
-    return left[0], left[1], left[2], right[0]
-
-
-AHA_KEYS = ("attempts", "answer_hits", "stop_after_hit")  # what train.py and pretrain.py log (means over responses)
-
-
-def aha_metrics(response, target, numbers):
-    """Parse the think trace of a Countdown response into attempts and say how the answer relates to them.
-
-    The trace is the text before the first '</think>' (before '<answer>' when there is no '</think>'; after a
-    '<think>' in it, if any). Attempts are separated by ';', the steps of an attempt by ',', and a step is
-    'a op b=r' with integers a, b, r and op in + - * / (the format of pretrain.py's corpus). Pieces that are
-    not steps are ignored; an attempt is a ';'-separated piece with at least one step.
-
-    An attempt HITS when it is a complete, correct solution: every step's arithmetic is exact (a / b only
-    when b divides a), each step's operands are given numbers or results of earlier steps of the same
-    attempt (each used once), all given numbers are used, and the last step's result equals the target.
-
-    Args:
-        response: the text the model generated after the prompt (anything that is not a str counts as empty).
-        target: the Countdown target.
-        numbers: the given numbers.
-    Returns:
-        {'attempts': number of attempts,
-         'hits': number of attempts that hit,
-         'answer_hits': True when the final answer (extract_answer) performs the same operations as an
-             attempt that hit: the same steps a op b = r (operands of + and * in either order), whatever the
-             order they are written in and the parentheses (so '(3+7)*2' and '2*(7+3)', not '3+7*2'),
-         'stop_after_hit': True when some attempt hits and the first one that does is the trace's last
-             attempt}.
-    Linear in the length of the response, which is cut at MAX_TRACE_CHARS; never raises.
-
-    >>> aha_metrics("7-3=4,4*2=8;3*2=6,6+7=13;3+7=10,10*2=20</think>\\n<answer>(3+7)*2</answer>", 20, [3, 7, 2])
-    {'attempts': 3, 'hits': 1, 'answer_hits': True, 'stop_after_hit': True}
-    >>> aha_metrics("3+7=10,10*2=20;7-2=5,5*3=15</think>\\n<answer>(7-2)*3</answer>", 20, [3, 7, 2])
-    {'attempts': 2, 'hits': 1, 'answer_hits': False, 'stop_after_hit': False}
-    """
-    text = response[:MAX_TRACE_CHARS] if isinstance(response, str) else ""
-    end = text.find("</think>")
-    trace = text[:end] if end >= 0 else text.split(OPEN, 1)[0]
-    trace = trace.rsplit("<think>", 1)[-1]
-    target, given = int(target), [int(x) for x in numbers]
-    attempts, hits, hit_steps, first_hit = 0, 0, set(), None
-    for piece in trace.split(";"):
-        steps = [s for s in map(_step, piece.split(",") if "=" in piece else ()) if s is not None]
-        if not steps:
-            continue
-        attempts += 1
-        pool = list(given)  # the values this attempt can still use: given numbers, then step results
-        for a, op, b, r in steps:
-            exact = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else (
-                a // b if b and a % b == 0 else None)
-            if exact != r or a not in pool:
-                break
-            pool.remove(a)
-            if b not in pool:
-                break
-            pool.remove(b)
-            pool.append(r)
-        else:  # every step was exact and used values that were available
-            if len(pool) == 1 and pool[0] == target:
-                hits += 1
-                first_hit = attempts if first_hit is None else first_hit
-                hit_steps.add(tuple(sorted((min(a, b), op, max(a, b), r) if op in "+*" else (a, op, b, r)
-                                           for a, op, b, r in steps)))
-    answer = extract_answer(text)
-    tokens = _tokenize(answer) if answer is not None else None
-    return {"attempts": attempts, "hits": hits, "answer_hits": bool(tokens) and _steps_of(tokens) in hit_steps,
-            "stop_after_hit": first_hit is not None and first_hit == attempts}
-
-
-def row_aha_metrics(row, response):
-    """aha_metrics of a response to a Countdown data row (its target and numbers); None for other tasks.
-
-    >>> row = {"data_source": "countdown", "reward_model": {"ground_truth": {"target": 20, "numbers": [3, 7, 2]}}}
-    >>> row_aha_metrics(row, "3+7=10,10*2=20</think>\\n<answer>(3+7)*2</answer>")["answer_hits"]
-    True
-    """
-    if not is_countdown(row):
-        return None
-    truth = row["reward_model"]["ground_truth"]
-    return aha_metrics(response, truth["target"], truth["numbers"])

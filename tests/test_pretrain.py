@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from launch import REPO, python  # noqa: E402
 
 sys.path.insert(0, REPO)
+import aha  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
 import rewards  # noqa: E402
@@ -29,7 +30,7 @@ def test_all_attempts_are_distinct_correct_and_use_every_number(numbers):
         # the reward and the aha metrics read the attempt as a correct solution for its own result
         response = f"{text}</think>\n<answer>{expr}</answer>"
         assert rewards.countdown_reward(response, result, numbers) == 1.0
-        assert rewards.aha_metrics(response, result, numbers) == {
+        assert aha.metrics(response, result, numbers) == {
             'attempts': 1, 'hits': 1, 'answer_hits': True, 'stop_after_hit': True}
     assert len(pretrain.all_attempts([3, 7, 2])) == 31
 

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
 import rewards  # noqa: E402
 from rewards import countdown_reward, evaluate_expression, extract_answer, multiply_reward, score  # noqa: E402
 
@@ -114,6 +113,21 @@ def test_extract_and_evaluate():
     assert rewards.validate_numbers("3 3 3", [3, 3, 3]) and not rewards.validate_numbers("3.0", [3, 0])
 
 
+def test_python_parser_differences_are_closed():
+    """The parser is Python's (ast): what it accepts beyond arithmetic is rejected, what it rejects that the
+    rules accept is accepted, and its tree's depth counts the parentheses and signs around a number."""
+    for text in ("()", "(1)(2)", "1 (2)", "(1)()", "3**2", "7//2", "+", "* 2", "1 * * 2"):  # not arithmetic
+        assert evaluate_expression(text) is None and rewards.parse_expression(text) is None, text
+    assert evaluate_expression("08 + 007") == 15 and evaluate_expression("00") == 0  # leading zeros, as int()
+    assert rewards.validate_numbers("08 * 3", [8, 3]) and cd("<answer>08 * 3</answer>", 24, [8, 3]) == 1.0
+    assert evaluate_expression("1 +\n2") == 3 and evaluate_expression("\u20031\u2003+\t1\x0b") == 2  # any whitespace
+    assert evaluate_expression("-" * 100 + "1") == 1 and evaluate_expression("-" * 101 + "1") is None
+    assert evaluate_expression("-(" * 50 + "1" + ")" * 50) == 1  # 50 signs and 50 parentheses
+    assert evaluate_expression("-(" * 50 + "(1)" + ")" * 50) is None  # 101
+    assert evaluate_expression("1+" + "(" * 100 + "2" + ")" * 100) == 3  # the depth of each number counts
+    # a long chain is a tree as deep as it is long: evaluated without recursion
+    assert evaluate_expression("+".join(["1"] * 500)) == 500 and evaluate_expression("-".join(["1"] * 500)) == -498
+
 def test_worst_case_arithmetic_is_bounded():
     # The costliest text under MAX_ANSWER_CHARS: sums of 1/p over distinct primes grow a ~400-digit denominator.
     primes = [p for p in range(2, 2000) if all(p % q for q in range(2, int(p ** 0.5) + 1))]
@@ -196,91 +210,3 @@ def test_evaluate_matches_python_on_valid_syntax(toks):
 
 def test_doctests():
     assert doctest.testmod(rewards).failed == 0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# aha_metrics: the think trace's attempts and how the answer relates to them
-
-def aha(trace, answer, target=20, numbers=(3, 7, 2)):
-    return rewards.aha_metrics(f"{trace}</think>\n<answer>{answer}</answer>", target, list(numbers))
-
-
-def test_aha_metrics_attempts_hits_and_stopping():
-    hit = "3+7=10,10*2=20"
-    assert aha(f"7-3=4,4*2=8;{hit}", "(3+7)*2") == {'attempts': 2, 'hits': 1, 'answer_hits': True,
-                                                    'stop_after_hit': True}
-    # the hit is not the last attempt: the answer (the last attempt) misses
-    assert aha(f"{hit};7-2=5,5*3=15", "(7-2)*3") == {'attempts': 2, 'hits': 1, 'answer_hits': False,
-                                                   'stop_after_hit': False}
-    # two hits, the answer is the first one: it hits, but the trace did not stop at it
-    m = aha(f"{hit};2*7=14,14+3=17;{hit}", "(3+7)*2")
-    assert m == {'attempts': 3, 'hits': 2, 'answer_hits': True, 'stop_after_hit': False}
-    # the same tree in another order, or with extra parentheses, is the same answer; another tree is not
-    for answer, same in [("2*(7+3)", True), ("((3+7))*2", True), (" ( 3 + 7 ) * 2 ", True), ("3+7*2", False),
-                         ("(3+7)*2+0", False), ("", False), ("(3+7)*", False)]:
-        assert aha(hit, answer)['answer_hits'] is same, answer
-    assert aha("", "(3+7)*2") == {'attempts': 0, 'hits': 0, 'answer_hits': False, 'stop_after_hit': False}
-
-
-@pytest.mark.parametrize('trace', [
-    "3+7=11,11*2=22",  # wrong arithmetic (22 is not the target either way)
-    "3+7=10,10*2=21",  # wrong arithmetic on the last step: no hit although the claimed result is... not 20
-    "3+3=6,6*2=12,12+8=20",  # a number used twice, 8 not given
-    "7*3=21,21-1=20",  # 1 is not given, 2 unused
-    "3*7=21",  # right value for target 21 below, but 2 is unused
-    "7/2=3,3+3=6",  # inexact division
-])
-def test_aha_metrics_needs_a_correct_complete_solution(trace):
-    for target in (20, 21):
-        m = aha(trace, "0", target)
-        assert m['attempts'] == 1 and m['hits'] == 0 and not m['stop_after_hit']
-
-
-def test_aha_metrics_parsing_is_tolerant():
-    # spaces, junk pieces, a '<think>' in the response, no '</think>', division, a negative step
-    r = "<think>let me try: 8 / 2 = 4 , 4 * 3 = 12; hmm;;; 3-8=-5,-5+... ; 8/2=4,4*3=12 <answer>(8/2)*3</answer>"
-    assert rewards.aha_metrics(r, 12, [8, 2, 3]) == {'attempts': 3, 'hits': 2, 'answer_hits': True,
-                                                      'stop_after_hit': False}
-    assert rewards.aha_metrics("3-8=-5,-5+8=3;", 3, [3, 8, 8]) == {'attempts': 1, 'hits': 1, 'answer_hits': False,
-                                                                  'stop_after_hit': True}
-    assert rewards.aha_metrics("so 3-8=-5, and -5+8 = 3 ok", 3, [3, 8, 8])["hits"] == 1
-    for bad in (None, b"3+7=10", 42):
-        assert rewards.aha_metrics(bad, 20, [3, 7, 2])['attempts'] == 0
-
-
-AHA_HOSTILE = {**HOSTILE,
-               'many steps': "1+1=2," * 200_000,
-               'many attempts': "3+7=10,10*2=20;" * 100_000 + "</think><answer>(3+7)*2</answer>",
-               'long literals in steps': ("9" * 99 + "*" + "9" * 99 + "=1;") * 5000,
-               'separators only': ";," * 500_000}
-
-
-@pytest.mark.parametrize('name', AHA_HOSTILE)
-def test_aha_metrics_hostile_inputs_are_bounded(name):
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        m = rewards.aha_metrics(AHA_HOSTILE[name], 20, [3, 7, 2])
-        times.append(time.perf_counter() - t)
-    assert set(m) == {'attempts', 'hits', 'answer_hits', 'stop_after_hit'}
-    assert min(times) < 20 * BOUND_S, (name, min(times))  # one validation response: well under 0.2 s
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(PIECES + [';', ',', '3', '7', '2', '10', '20', '</think>', '<think>']),
-                max_size=300).map(''.join))
-def test_aha_metrics_fuzz_never_raises(text):
-    m = rewards.aha_metrics(text, 20, [3, 7, 2])
-    assert 0 <= m['hits'] <= m['attempts'] and isinstance(m['answer_hits'], bool)
-    assert not m['stop_after_hit'] or m['hits'] >= 1
-
-
-def test_row_aha_metrics_dispatches_on_data_source_like_score():
-    """Countdown rows (data_source containing 'countdown', as score() matches them) get aha_metrics with the
-    row's target and numbers; rows of other tasks get None, where score() gives the multiplication reward."""
-    response = "3*2=6,6+7=13;3+7=10,10*2=20</think>\n<answer>(3+7)*2</answer>"
-    row = data.countdown_row({"target": 20, "numbers": [3, 7, 2]}, "base", "test", 0)
-    assert rewards.row_aha_metrics(row, response) == rewards.aha_metrics(response, 20, [3, 7, 2])
-    assert rewards.row_aha_metrics(row, response)["answer_hits"] is True
-    mult = {"data_source": "multiply", "reward_model": {"ground_truth": 408}}
-    assert rewards.row_aha_metrics(mult, "<answer>408</answer>") is None
