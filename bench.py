@@ -7,7 +7,7 @@ interleaved and repeated: on a shared machine, read the ratios more than the abs
     python bench.py step      # train.py steps under torchrun (GRPO and PPO), split into phases
     python bench.py step --model qwen2.5-0.5b --rollout hf --dtype bfloat16 --nproc 1 --algo grpo   # on a GPU
 
---model: tiny (train.py's 1M model), medium (32M: hidden 512, 8 layers, MLP 2048), qwen2.5-0.5b (random init in
+--model: tiny (0.6M, the built-in base's shape, random), medium (32M: hidden 512, 8 layers, MLP 2048), qwen2.5-0.5b (random init in
 Qwen2.5-0.5B's shape, 494M) or a transformers folder; comma-separated for several. Built models are cached in
 runs/bench/models, train.py runs go to runs/bench/step_*. --json: one JSON object on the last line.
 One OpenMP thread per process unless OMP_NUM_THREADS says otherwise: 2 ranks on 2 cores, as train.py runs.
@@ -57,7 +57,7 @@ def model_path(name):
 
 
 def countdown_prompts(tok, n):
-    """n Countdown prompts (train.py's default tasks and template) as token-id lists."""
+    """n small Countdown prompts (TinyZero's base template) as token-id lists."""
     tasks = data.make_countdown(n, 0, num_counts=(3,), num_range=(1, 20), target_range=(10, 50))
     texts = [data.prompt_text(data.countdown_row(t, "base", "train", i)) for i, t in enumerate(tasks)]
     return tok(texts, add_special_tokens=False)["input_ids"]
@@ -127,7 +127,7 @@ def bench_rollout(a, device):
     import rollout
     from transformers import AutoTokenizer
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    torch.distributed.init_process_group("gloo")  # a world of one: vLLM's engine comes after it (DESIGN.md)
+    torch.distributed.init_process_group("gloo")  # a world of one: vLLM's engine comes after it (docs/benchmarks.md)
     res = {}
     for name in a.models:
         path = model_path(name)
@@ -315,8 +315,8 @@ def main():
     add("--reps", type=int, default=2, help="timed repetitions after a warm-up (medians are reported)")
     add("--prompts", type=int, default=2, help="rollout: prompts per generate call")
     add("--n", type=int, default=4, help="rollout: samples per prompt")
-    add("--max-tokens", type=int, default=0, help="response tokens; 0: 64 for rollout and train, 128 (train.py's "
-      "default) for sync and step")
+    add("--max-tokens", type=int, default=0, help="response tokens; 0: 64 for rollout and train, 128 for sync and "
+      "step")
     add("--micro-batch", type=int, default=0, help="train: sequences per step (0: 1); sync, step: train.py's "
       "--micro-batch (0: 8)")
     add("--prompt-len", type=int, default=192, help="train: prompt tokens per sequence")

@@ -17,17 +17,16 @@ Every file holds rows in TinyZero's schema, so TinyZero's own parquet files load
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import time
 from numbers import Integral
 
-TASKS = ('countdown', 'multiply')
-TEMPLATES = ('base', 'qwen-instruct', 'chat', 'tiny')  # Countdown prompt templates
-MULTIPLY_TEMPLATES = ('base', 'chat')
 CHUNK = 2048  # tasks per generator chunk; each chunk has its own seed, so output does not depend on workers
 MAX_FAILED_DRAWS = 20_000  # consecutive useless draws before a generator gives up on its options
+MAX_LINE = 1 << 20  # bytes: a longer jsonl line is refused unparsed (a row is ~1 KB)
 
 
 def _need(ok, problem):
@@ -41,29 +40,31 @@ COUNTDOWN_QUESTION = (
     "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
     "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
 COUNTDOWN_PROMPTS = {
-    'base': "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "base": "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
             "The assistant first thinks about the reasoning process in the mind and then provides the user with "
             "the answer.\nUser: " + COUNTDOWN_QUESTION + "\nAssistant: Let me solve this step by step.\n<think>",
-    'qwen-instruct': "<|im_start|>system\nYou are a helpful assistant. You first thinks about the reasoning "
+    "qwen-instruct": "<|im_start|>system\nYou are a helpful assistant. You first thinks about the reasoning "
                      "process in the mind and then provides the user with the answer.<|im_end|>\n<|im_start|>user"
                      "\n " + COUNTDOWN_QUESTION + "<|im_end|>\n<|im_start|>assistant\nLet me solve this step by "
                      "step.\n<think>",
-    'chat': COUNTDOWN_QUESTION,  # the user turn only; prompt_text() renders it with the tokenizer's template
+    "chat": COUNTDOWN_QUESTION,  # the user turn only; prompt_text() renders it with the tokenizer's template
     # ours, not TinyZero's: the question's first sentence only (~70 bytes instead of ~565), for small CPU
     # models; pretrain.py's corpus uses exactly this text, so the built-in base model knows it
-    'tiny': "Using the numbers {numbers}, create an equation that equals {target}.\n<think>",
+    "tiny": "Using the numbers {numbers}, create an equation that equals {target}.\n<think>",
 }
 MULTIPLY_PROMPTS = {
-    'base': "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "base": "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
             "The assistant first thinks about the reasoning process in the mind and then provides the user with "
             "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
             "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> RESULT_NUMBER "
             "</answer>. User: Give me the answer of the following equation: {a} * {b} = Assistant: Ok let me "
             "think about it.\n<think>",
     # ours, not TinyZero's: the same instructions phrased as a user turn
-    'chat': "Give me the answer of the following equation: {a} * {b} = ? Show your work in <think> </think> "
+    "chat": "Give me the answer of the following equation: {a} * {b} = ? Show your work in <think> </think> "
             "tags. And return only the final number in <answer> </answer> tags, for example <answer> 42 </answer>.",
 }
+PROMPTS = {"countdown": COUNTDOWN_PROMPTS, "multiply": MULTIPLY_PROMPTS}  # task -> template name -> text
+TASKS, TEMPLATES, MULTIPLY_TEMPLATES = tuple(PROMPTS), tuple(COUNTDOWN_PROMPTS), tuple(MULTIPLY_PROMPTS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,15 +113,15 @@ def _expression(vals, numbers, mask, target):
         ys = vals[other]
         for x in vals[sub]:
             # (y, op, y first?) for each way x op y or y op x can equal target, with y from the other half
-            cands = [(target - x, '+', False), (x - target, '-', False), (x + target, '-', True)]
+            cands = [(target - x, "+", False), (x - target, "-", False), (x + target, "-", True)]
             if x:
-                cands.append((target * x, '/', True))  # y / x
+                cands.append((target * x, "/", True))  # y / x
                 if target % x == 0:
-                    cands.append((target // x, '*', False))
+                    cands.append((target // x, "*", False))
                 if target and x % target == 0:
-                    cands.append((x // target, '/', False))  # x / y
+                    cands.append((x // target, "/", False))  # x / y
             elif target == 0:
-                cands.append((next(iter(ys)), '*', False))  # 0 * anything
+                cands.append((next(iter(ys)), "*", False))  # 0 * anything
             for y, op, y_first in cands:
                 if y in ys:
                     a, b = _expression(vals, numbers, sub, x), _expression(vals, numbers, other, y)
@@ -146,10 +147,10 @@ def solve(numbers, target):
 
 def task_key(task):
     """What makes two tasks the same task (used so train and test never share one)."""
-    if 'numbers' in task:
-        return ('countdown', int(task['target']), tuple(sorted(int(x) for x in task['numbers'])))
-    a, b = int(task['a']), int(task['b'])
-    return ('multiply', min(a, b), max(a, b))  # 3 * 5 and 5 * 3 are the same task
+    if "numbers" in task:
+        return ("countdown", int(task["target"]), tuple(sorted(int(x) for x in task["numbers"])))
+    a, b = int(task["a"]), int(task["b"])
+    return ("multiply", min(a, b), max(a, b))  # 3 * 5 and 5 * 3 are the same task
 
 
 def _countdown_chunk(args):
@@ -164,7 +165,7 @@ def _countdown_chunk(args):
         # Draw the target among the reachable ones in range: every draw of numbers with any is kept.
         targets = sorted(v for v in vals[full] if lo <= v <= hi)
         if exclude and targets:
-            targets = [t for t in targets if task_key({'target': t, 'numbers': numbers}) not in exclude]
+            targets = [t for t in targets if task_key({"target": t, "numbers": numbers}) not in exclude]
         if not targets:
             failed += 1
             _need(failed <= MAX_FAILED_DRAWS, f"countdown: {MAX_FAILED_DRAWS} draws in a row gave no usable task "
@@ -173,29 +174,22 @@ def _countdown_chunk(args):
             continue
         failed = 0
         target = rng.choice(targets)
-        tasks.append({'target': target, 'numbers': numbers, 'solution': _expression(vals, numbers, full, target)})
+        tasks.append({"target": target, "numbers": numbers, "solution": _expression(vals, numbers, full, target)})
     return tasks
 
 
 def _run_chunks(fn, n, args, workers, progress, desc):
     """Run fn over fixed-size chunks (serially or in a process pool) and concatenate, with a progress bar."""
-    jobs = [(c, min(CHUNK, n - c * CHUNK)) for c in range((n + CHUNK - 1) // CHUNK)]
-    jobs = [args[:1] + (c, size) + args[1:] for c, size in jobs]
+    jobs = [args[:1] + (c, min(CHUNK, n - c * CHUNK)) + args[1:] for c in range((n + CHUNK - 1) // CHUNK)]
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)), 8) if n >= 20_000 else 1
+    import multiprocessing
     from tqdm import tqdm  # lazily: only generators need it
-    out, pool = [], None
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        pool = multiprocessing.Pool(workers)
-    with tqdm(total=n, desc=desc, unit=' tasks', disable=not progress) as bar:
-        try:
-            for part in (pool.imap(fn, jobs) if pool else map(fn, jobs)):  # imap keeps the chunk order
-                out += part
-                bar.update(len(part))
-        finally:
-            if pool:
-                pool.terminate()
+    out, pool = [], multiprocessing.Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    with pool or contextlib.nullcontext(), tqdm(total=n, desc=desc, unit=" tasks", disable=not progress) as bar:
+        for part in (pool.imap(fn, jobs) if pool else map(fn, jobs)):  # in chunk order; leaving terminates the pool
+            out += part
+            bar.update(len(part))
     return out
 
 
@@ -218,7 +212,7 @@ def make_countdown(n, seed, num_counts=(3, 4), num_range=(1, 99), target_range=(
     _need(target_range[0] <= top, f"countdown: no target in {target_range} can be reached: numbers in {num_range} "
                                   f"with counts {num_counts} reach at most {top}")
     args = (seed, num_counts, num_range, target_range, frozenset(exclude or ()))
-    return _run_chunks(_countdown_chunk, n, args, workers, progress, 'countdown')
+    return _run_chunks(_countdown_chunk, n, args, workers, progress, "countdown")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,13 +231,13 @@ def _multiply_chunk(args):
     tasks, failed = [], 0
     while len(tasks) < n:
         a, b = factor(digits[0]), factor(digits[1])
-        if exclude and task_key({'a': a, 'b': b}) in exclude:
+        if exclude and task_key({"a": a, "b": b}) in exclude:
             failed += 1
             _need(failed <= MAX_FAILED_DRAWS, f"multiply: {MAX_FAILED_DRAWS} draws in a row were all excluded tasks "
                   f"(digits={digits}, {len(exclude)} excluded): use more digits or fewer test tasks")
             continue
         failed = 0
-        tasks.append({'a': a, 'b': b, 'product': a * b})
+        tasks.append({"a": a, "b": b, "product": a * b})
     return tasks
 
 
@@ -254,33 +248,37 @@ def make_multiply(n, seed, digits=(3, 3), exact=False, exclude=None, workers=1, 
     _need(len(digits) == 2 and all(1 <= d <= 100 for d in digits), f"multiply: digits must be two counts in 1..100, "
                                                                     f"got {digits}")
     args = (seed, digits, exact, frozenset(exclude or ()))
-    return _run_chunks(_multiply_chunk, n, args, workers, progress, 'multiply')
+    return _run_chunks(_multiply_chunk, n, args, workers, progress, "multiply")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Rows and prompts
 
-def _row(source, content, truth, template, split, index, **extra):
-    return {'data_source': source, 'prompt': [{'role': 'user', 'content': content}], 'ability': 'math',
-            'reward_model': {'style': 'rule', 'ground_truth': truth},
-            'extra_info': {'split': split, 'index': int(index), 'template': template, **extra}}
+def _prompt(task, template):
+    """The prompt text of one of a task's templates; ValueError lists the known ones."""
+    known = tuple(PROMPTS[task])
+    _need(template in known, f"unknown {task} template {template!r}; known: {', '.join(known)}")
+    return PROMPTS[task][template]
+
+
+def _row(task, template, content, truth, split, index, **extra):
+    return {"data_source": task, "prompt": [{"role": "user", "content": content}], "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": truth},
+            "extra_info": {"split": split, "index": int(index), "template": template, **extra}}
 
 
 def countdown_row(task, template, split, index):
     """A TinyZero-schema row for a Countdown task {'target', 'numbers'[, 'solution']}."""
-    _need(template in TEMPLATES, f"unknown countdown template {template!r}; known: {', '.join(TEMPLATES)}")
-    target, numbers = int(task['target']), [int(x) for x in task['numbers']]  # plain ints: "[8, 3]" in the text
-    content = COUNTDOWN_PROMPTS[template].format(numbers=numbers, target=target)
-    return _row('countdown', content, {'target': target, 'numbers': numbers}, template, split, index,
-                solution=task.get('solution'))
+    text = _prompt("countdown", template)
+    target, numbers = int(task["target"]), [int(x) for x in task["numbers"]]  # plain ints: "[8, 3]" in the text
+    return _row("countdown", template, text.format(numbers=numbers, target=target),
+                {"target": target, "numbers": numbers}, split, index, solution=task.get("solution"))
 
 
 def multiply_row(task, template, split, index):
     """A TinyZero-schema row for a multiplication task {'a', 'b'[, 'product']}."""
-    _need(template in MULTIPLY_TEMPLATES, f"unknown multiply template {template!r}; known: "
-                                          f"{', '.join(MULTIPLY_TEMPLATES)}")
-    a, b = int(task['a']), int(task['b'])
-    return _row('multiply', MULTIPLY_PROMPTS[template].format(a=a, b=b), a * b, template, split, index)
+    a, b = int(task["a"]), int(task["b"])
+    return _row("multiply", template, _prompt("multiply", template).format(a=a, b=b), a * b, split, index)
 
 
 def prompt_text(row, tokenizer=None):
@@ -289,25 +287,40 @@ def prompt_text(row, tokenizer=None):
     'chat' rows hold only the user turn and are rendered with the tokenizer's own chat template. Every
     other row (ours, or TinyZero's, which have no extra_info.template) holds the rendered prompt already.
     """
-    if (row.get('extra_info') or {}).get('template') == 'chat':
+    if (row.get("extra_info") or {}).get("template") == "chat":
         if tokenizer is None:
             raise ValueError("a 'chat' template row needs a tokenizer (its chat template renders the prompt)")
-        return tokenizer.apply_chat_template(list(row['prompt']), add_generation_prompt=True, tokenize=False)
-    return ''.join(m['content'] for m in row['prompt'])
+        return tokenizer.apply_chat_template(list(row["prompt"]), add_generation_prompt=True, tokenize=False)
+    return "".join(m["content"] for m in row["prompt"])
 
 
-def make_splits(task, n_train, n_test, seed, template='base', workers=1, progress=False, **options):
+def make_splits(task, n_train, n_test, seed, template="base", workers=1, progress=False, **options):
     """(train_rows, test_rows) that never share a task: test is drawn first, train excludes its tasks.
     options go to make_countdown / make_multiply (num_counts, num_range, target_range | digits, exact)."""
     _need(task in TASKS, f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    make, to_row = (make_countdown, countdown_row) if task == 'countdown' else (make_multiply, multiply_row)
-    known = TEMPLATES if task == 'countdown' else MULTIPLY_TEMPLATES
-    _need(template in known, f"unknown {task} template {template!r}; known: {', '.join(known)}")  # before the work
+    make, to_row = (make_countdown, countdown_row) if task == "countdown" else (make_multiply, multiply_row)
+    _prompt(task, template)  # an unknown template fails before the work
     test = make(n_test, f"{seed}:test", workers=workers, progress=progress, **options)
     train = make(n_train, f"{seed}:train", exclude={task_key(t) for t in test}, workers=workers,
                  progress=progress, **options)
-    return ([to_row(t, template, 'train', i) for i, t in enumerate(train)],
-            [to_row(t, template, 'test', i) for i, t in enumerate(test)])
+    return ([to_row(t, template, "train", i) for i, t in enumerate(train)],
+            [to_row(t, template, "test", i) for i, t in enumerate(test)])
+
+
+def default_splits(folder, seed, pretrained=None):
+    """train.py's built-in default tasks, written to folder/train.jsonl and test.jsonl unless test.jsonl is there:
+    2,048 train and 500 test tasks. A base model made by pretrain.py (pretrained: its pretrain.json "args") gets
+    the Countdown tasks and the "tiny" template it was pretrained on; any other model small Countdown tasks in
+    TinyZero's prompt."""
+    if os.path.exists(os.path.join(folder, "test.jsonl")):
+        return
+    kw = dict(num_counts=(3,), num_range=(1, 20), target_range=(10, 50), template="base")
+    if pretrained:
+        kw = dict(num_counts=pretrained["num_counts"], num_range=pretrained["num_range"],
+                  target_range=pretrained["target_range"], template="tiny")
+    train, test = make_splits("countdown", 2048, 500, seed=seed, workers=1, **kw)
+    write_rows(train, os.path.join(folder, "train.jsonl"))
+    write_rows(test, os.path.join(folder, "test.jsonl"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,7 +334,7 @@ def _int(x, what):
 
 
 def _seq(x, what):
-    x = x.tolist() if hasattr(x, 'tolist') else x  # numpy arrays from parquet readers
+    x = x.tolist() if hasattr(x, "tolist") else x  # numpy arrays from parquet readers
     if not isinstance(x, (list, tuple)):
         raise ValueError(f"{what}: expected a list, got {x!r}")
     return x
@@ -331,49 +344,49 @@ def _check(row):
     """check_row() without the location; messages are built only on failure (this runs for every row)."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
-    source = row.get('data_source')
+    source = row.get("data_source")
     if not isinstance(source, str):
         raise ValueError(f"data_source: expected a string, got {source!r}")
     # matched as substrings, as TinyZero does (its multiply data is 'yolo/multiply-3_digit')
-    task = ('countdown' if 'countdown' in source else
-            'multiply' if 'multiply' in source or 'arithmetic' in source else '')
+    task = ("countdown" if "countdown" in source else
+            "multiply" if "multiply" in source or "arithmetic" in source else "")
     if not task:
         raise ValueError(f"data_source {source!r} is not a known task ({', '.join(TASKS)})")
-    prompt = _seq(row.get('prompt'), 'prompt')
-    if not prompt or not all(isinstance(m, dict) and isinstance(m.get('role'), str) and
-                             isinstance(m.get('content'), str) for m in prompt):
+    prompt = _seq(row.get("prompt"), "prompt")
+    if not prompt or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                             isinstance(m.get("content"), str) for m in prompt):
         raise ValueError("prompt: expected a non-empty list of {role: str, content: str}")
-    reward = row.get('reward_model')
-    if not isinstance(reward, dict) or 'ground_truth' not in reward:
+    reward = row.get("reward_model")
+    if not isinstance(reward, dict) or "ground_truth" not in reward:
         raise ValueError("reward_model: expected {style, ground_truth}")
-    truth = reward['ground_truth']
-    if task == 'countdown':
+    truth = reward["ground_truth"]
+    if task == "countdown":
         if not isinstance(truth, dict):
             raise ValueError(f"reward_model.ground_truth: expected {{target, numbers}}, got {truth!r}")
-        what = 'reward_model.ground_truth.numbers'
-        truth = {'target': _int(truth.get('target'), 'reward_model.ground_truth.target'),
-                 'numbers': [_int(x, what) for x in _seq(truth.get('numbers'), what)]}
-        if not truth['numbers']:
+        what = "reward_model.ground_truth.numbers"
+        truth = {"target": _int(truth.get("target"), "reward_model.ground_truth.target"),
+                 "numbers": [_int(x, what) for x in _seq(truth.get("numbers"), what)]}
+        if not truth["numbers"]:
             raise ValueError(f"{what}: empty")
     else:
-        truth = _int(truth, 'reward_model.ground_truth')
-    extra = row.get('extra_info') or {}
+        truth = _int(truth, "reward_model.ground_truth")
+    extra = row.get("extra_info") or {}
     if not isinstance(extra, dict):
         raise ValueError(f"extra_info: expected an object, got {extra!r}")
-    known = TEMPLATES if task == 'countdown' else MULTIPLY_TEMPLATES
-    if extra.get('template') not in known + (None,):
+    known = tuple(PROMPTS[task])
+    if extra.get("template") not in known + (None,):
         raise ValueError(f"extra_info.template {extra['template']!r} is unknown for {task}; known: {', '.join(known)}")
-    if extra.get('index') is not None:
-        extra = {**extra, 'index': _int(extra['index'], 'extra_info.index')}
-    ability = row.get('ability', 'math')
+    if extra.get("index") is not None:
+        extra = {**extra, "index": _int(extra["index"], "extra_info.index")}
+    ability = row.get("ability", "math")
     if not isinstance(ability, str):
         raise ValueError(f"ability: expected a string, got {ability!r}")
-    return {'data_source': source, 'prompt': [{'role': m['role'], 'content': m['content']} for m in prompt],
-            'ability': ability, 'reward_model': {'style': reward.get('style') or 'rule', 'ground_truth': truth},
-            'extra_info': extra}
+    return {"data_source": source, "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+            "ability": ability, "reward_model": {"style": reward.get("style") or "rule", "ground_truth": truth},
+            "extra_info": extra}
 
 
-def check_row(row, where='row'):
+def check_row(row, where="row"):
     """Validate one row and return it normalised (plain ints and lists); raise ValueError(f'{where}: ...')."""
     try:
         return _check(row)
@@ -381,121 +394,139 @@ def check_row(row, where='row'):
         raise ValueError(f"{where}: {e}") from None
 
 
+def _check_all(path, unit, records, parse=None):
+    """_check() each (number, record), after parse(record, index) if given; errors name file, line/row, problem."""
+    rows = []
+    for n, r in records:
+        try:
+            rows.append(_check(parse(r, len(rows)) if parse else r))
+        except ValueError as e:
+            raise ValueError(f"{path}: {unit} {n}: {e}") from None
+    return rows
+
+
 def load_rows(path):
     """Rows from a .jsonl or .parquet file: our rows, TinyZero's, or raw Countdown-Tasks-3to4 (target, nums;
-    turned into base-template rows). Every row is checked; errors name the file, the row and the problem."""
+    turned into base-template rows). Every row is checked. Errors are one line naming the file, the line or
+    row, and the problem: ValueError, or FileNotFoundError for a missing file."""
     path = str(path)
-    split = 'test' if os.path.basename(path).startswith('test') else 'train'  # for raw rows only
-    if path.endswith('.jsonl'):
-        def records():  # a generator: a 300 MB file is parsed line by line, never held as text
-            with open(path, encoding='utf-8') as f:
-                yield from ((f"line {i}", line) for i, line in enumerate(f, 1) if line.strip())
-        records = records()
-    elif path.endswith('.parquet'):
-        import pyarrow.parquet as pq  # lazily: pyarrow takes ~0.3 s to import
-        records = ((f"row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist()))
-    else:
-        raise ValueError(f"{path}: unknown file type; expected .jsonl or .parquet")
-    rows = []
-    for i, (where, r) in enumerate(records):
-        try:
-            if isinstance(r, str):
-                try:
-                    r = json.loads(r)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"invalid JSON: {e}") from None
-            if isinstance(r, dict) and 'data_source' not in r and 'target' in r and 'nums' in r:  # raw dataset
-                nums = [_int(x, 'nums') for x in _seq(r['nums'], 'nums')]
-                r = countdown_row({'target': _int(r['target'], 'target'), 'numbers': nums}, 'base', split, i)
-            rows.append(_check(r))
-        except ValueError as e:
-            raise ValueError(f"{path}: {where}: {e}") from None
+    _need(path.endswith((".jsonl", ".parquet")), f"{path}: unknown file type; expected .jsonl or .parquet")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    split = "test" if os.path.basename(path).startswith("test") else "train"  # for raw rows only
+
+    def parse(r, index):
+        if isinstance(r, bytes):  # a jsonl line
+            if len(r) > MAX_LINE and not r.endswith(b"\n"):  # readline() stopped at MAX_LINE + 1 bytes
+                raise ValueError(f"longer than {MAX_LINE:,} bytes")
+            try:
+                r = json.loads(r.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"invalid UTF-8 at byte {e.start + 1} ({e.reason})") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"invalid JSON: {e}") from None
+            except RecursionError:  # [[[[...]]]] thousands deep
+                raise ValueError("invalid JSON: nested too deeply") from None
+        if isinstance(r, dict) and "data_source" not in r and "target" in r and "nums" in r:  # raw dataset
+            nums = [_int(x, "nums") for x in _seq(r["nums"], "nums")]
+            r = countdown_row({"target": _int(r["target"], "target"), "numbers": nums}, "base", split, index)
+        return r
+
+    try:
+        if path.endswith(".jsonl"):  # read as bytes, line by line: a 300 MB file is never held whole
+            with open(path, "rb") as f:
+                lines = enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1)
+                rows = _check_all(path, "line", ((n, line) for n, line in lines if line.strip()), parse)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq  # lazily: pyarrow takes ~0.3 s to import
+            try:
+                table = pq.read_table(path).to_pylist() if os.path.getsize(path) else []
+            except (pa.ArrowException, OSError) as e:  # not parquet, truncated, damaged
+                why = " ".join(str(e).replace(f"Could not open Parquet input source '{path}': ", "").split())
+                raise ValueError(f"{path}: not a readable parquet file: {why}") from None
+            rows = _check_all(path, "row", enumerate(table), parse)
+    except OSError as e:  # a folder, no permission, a disk error
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+    _need(rows, f"{path}: no rows")
     return rows
 
 
 def write_rows(rows, path):
-    """Write rows to .jsonl or .parquet (by suffix), checking each; creates the folder."""
+    """Write rows to .jsonl or .parquet (by suffix), checking each; creates the folder. The file appears whole or
+    not at all (written beside it, then renamed), so a killed writer leaves no half file to be read later."""
     path = str(path)
-    _need(path.endswith(('.jsonl', '.parquet')), f"{path}: unknown file type; expected .jsonl or .parquet")
-    checked = []
-    for i, r in enumerate(rows):
-        try:
-            checked.append(_check(r))
-        except ValueError as e:
-            raise ValueError(f"{path}: row {i}: {e}") from None
-    rows = checked
+    _need(path.endswith((".jsonl", ".parquet")), f"{path}: unknown file type; expected .jsonl or .parquet")
+    rows = _check_all(path, "row", enumerate(rows))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith('.jsonl'):
-        with open(path, 'w', encoding='utf-8') as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    tmp = path + ".tmp"
+    if path.endswith(".jsonl"):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(tmp, path)
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
-    schema, writer = None, None
-    try:
-        for i in range(0, max(len(rows), 1), 65536):  # in batches: one big table would double peak memory
-            table = pa.Table.from_pylist(rows[i:i + 65536], schema=schema)
-            schema, writer = table.schema, writer or pq.ParquetWriter(path, table.schema)
-            writer.write_table(table)
+    try:  # in batches of 65,536 rows: one big table would double peak memory
+        first = pa.Table.from_pylist(rows[:65536])
+        with pq.ParquetWriter(tmp, first.schema) as writer:
+            writer.write_table(first)
+            for i in range(65536, len(rows), 65536):
+                writer.write_table(pa.Table.from_pylist(rows[i:i + 65536], schema=first.schema))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # e.g. Countdown and multiplication rows in one file
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise ValueError(f"{path}: rows do not fit one parquet schema ({e}); write each task to its own "
                          f"file or use .jsonl") from None
-    finally:
-        if writer:
-            writer.close()
+    os.replace(tmp, path)
 
 
 def find_split(data_dir, split):
-    """The path of DIR/{split}.jsonl or DIR/{split}.parquet; FileNotFoundError names what was looked for."""
-    paths = [os.path.join(str(data_dir), f"{split}{ext}") for ext in ('.jsonl', '.parquet')]
+    """The path of DIR/{split}.jsonl or DIR/{split}.parquet. FileNotFoundError names what was looked for;
+    ValueError where both exist (which one to read would be a guess)."""
+    paths = [os.path.join(str(data_dir), f"{split}{ext}") for ext in (".jsonl", ".parquet")]
     found = [p for p in paths if os.path.exists(p)]
     if not found:
         raise FileNotFoundError(f"no {split} data: looked for {' and '.join(paths)}")
     if len(found) > 1:
-        raise ValueError(f"both {found[0]} and {found[1]} exist; remove one")
+        raise ValueError(f"both {found[0]} and {found[1]} exist: keep one of them (move or delete the other)")
     return found[0]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write train/test files of Countdown or multiplication tasks.")
-    sub = p.add_subparsers(dest='task', required=True, metavar='{countdown,multiply}')
+    sub = p.add_subparsers(dest="task", required=True, metavar="{countdown,multiply}")
     for task in TASKS:
         s = sub.add_parser(task, help=f"{task} tasks")
-        s.add_argument('--out', required=True, help="output folder for train.* and test.*")
-        s.add_argument('--train', type=int, default=327_680, help="train tasks (TinyZero: 327,680)")
-        s.add_argument('--test', type=int, default=1024, help="test tasks, never shared with train (TinyZero: 1,024)")
-        s.add_argument('--seed', type=int, default=0, help="random seed; same seed, same files")
-        s.add_argument('--format', choices=('jsonl', 'parquet'), default='jsonl', help="file format")
-        s.add_argument('--workers', type=int, default=None, help="processes (default: all cores for large N)")
-        templates = TEMPLATES if task == 'countdown' else MULTIPLY_TEMPLATES
-        s.add_argument('--template', choices=templates, default='base',
+        s.add_argument("--out", required=True, help="output folder for train.* and test.*")
+        s.add_argument("--train", type=int, default=327_680, help="train tasks (TinyZero: 327,680)")
+        s.add_argument("--test", type=int, default=1024, help="test tasks, never shared with train (TinyZero: 1,024)")
+        s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
+        s.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="file format")
+        s.add_argument("--workers", type=int, default=None, help="processes (default: all cores for large N)")
+        s.add_argument("--template", choices=tuple(PROMPTS[task]), default="base",
                        help="prompt template; 'chat' stores the question for the tokenizer's chat template")
-        if task == 'countdown':
-            s.add_argument('--num-counts', type=int, nargs='+', default=[3, 4], help="how many numbers per task")
-            s.add_argument('--num-range', type=int, nargs=2, default=[1, 99], metavar=('LO', 'HI'),
+        if task == "countdown":
+            s.add_argument("--num-counts", type=int, nargs="+", default=[3, 4], help="how many numbers per task")
+            s.add_argument("--num-range", type=int, nargs=2, default=[1, 99], metavar=("LO", "HI"),
                            help="numbers are drawn from LO..HI")
-            s.add_argument('--target-range', type=int, nargs=2, default=[10, 100], metavar=('LO', 'HI'),
+            s.add_argument("--target-range", type=int, nargs=2, default=[10, 100], metavar=("LO", "HI"),
                            help="targets are in LO..HI")
         else:
-            s.add_argument('--digits', type=int, nargs=2, default=[3, 3], metavar=('A', 'B'),
+            s.add_argument("--digits", type=int, nargs=2, default=[3, 3], metavar=("A", "B"),
                            help="digits of the two factors (at most, TinyZero's mix; exactly with --exact)")
-            s.add_argument('--exact', action='store_true', help="factors have exactly the given digits")
-    args = p.parse_args(argv)
-    options = (dict(num_counts=args.num_counts, num_range=args.num_range, target_range=args.target_range)
-               if args.task == 'countdown' else dict(digits=args.digits, exact=args.exact))
+            s.add_argument("--exact", action="store_true", help="factors have exactly the given digits")
+    a = vars(p.parse_args(argv))  # what is left after these pops goes to make_splits as keywords
+    task, out, fmt, n_train, n_test = (a.pop(k) for k in ("task", "out", "format", "train", "test"))
     t0 = time.time()
     try:
-        train, test = make_splits(args.task, args.train, args.test, args.seed, args.template,
-                                  workers=args.workers, progress=True, **options)
-    except ValueError as e:
+        for split, rows in zip(("train", "test"), make_splits(task, n_train, n_test, progress=True, **a)):
+            path = os.path.join(out, f"{split}.{fmt}")
+            write_rows(rows, path)
+            print(f"wrote {len(rows):,} rows to {path}")
+    except (ValueError, OSError) as e:  # bad options, an --out that cannot be written
         p.exit(2, f"data.py: error: {e}\n")
-    for split, rows in (('train', train), ('test', test)):
-        path = os.path.join(args.out, f"{split}.{args.format}")
-        write_rows(rows, path)
-        print(f"wrote {len(rows):,} rows to {path}")
     print(f"done in {time.time() - t0:.1f} s")
 
-
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -23,7 +23,8 @@ def group_advantages(scores, group_size, scale_std=True, eps=1e-6):
     if group_size < 2:
         raise ValueError(f"GRPO needs group_size >= 2 (a group of one has no baseline), got {group_size}")
     if scores.dim() != 1 or scores.numel() % group_size != 0:
-        raise ValueError(f"scores must be 1-D with a length divisible by group_size={group_size}, got shape {tuple(scores.shape)}")
+        raise ValueError(f"scores must be 1-D with a length divisible by group_size={group_size}, "
+                         f"got shape {tuple(scores.shape)}")
     groups = scores.float().view(-1, group_size)
     adv = groups - groups.mean(-1, keepdim=True)
     if scale_std:
@@ -58,3 +59,21 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low, clip_high, k
         # copy (dp_actor.py) SUBTRACTS it, which rewards drifting away from the reference: a known bug.
         loss = loss + kl_coef * aggregate(kl, mask, agg, max_len, denom)
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GRPO step, as train.py drives it: the same two functions as ppo.py's, picked with --algo.
+# ---------------------------------------------------------------------------------------------------------
+def advantages(batch, scores, args, kl_coef):
+    """Group-relative advantages, one per response, broadcast over its tokens into batch["advantages"] [B, T].
+    Returns this rank's metrics: the share of its groups whose scores are all equal (no signal)."""
+    adv, n_flat = group_advantages(scores, args.group_size, scale_std=not args.no_std_scale)
+    batch["advantages"] = adv.unsqueeze(1).expand_as(batch["mask"]).contiguous()
+    return {"flat_group_frac": n_flat / (len(scores) // args.group_size)}
+
+
+def loss(logp, values, mb, args, kl_coef, denom):
+    """grpo_loss of a micro-batch (values is unused: no critic). Returns (loss, stats)."""
+    return grpo_loss(logp, mb["old_logp"], mb.get("ref_logp"), mb["advantages"], mb["mask"], clip_low=args.clip_low,
+                     clip_high=args.clip_high, kl_coef=kl_coef, kl_estimator=args.kl_estimator, agg=args.loss_agg,
+                     max_len=args.max_response_len, denom=denom)

@@ -6,15 +6,18 @@ per-token log-probs of the sampled tokens, already temperature-scaled by the cal
 scalars ready for .backward(); stats come back as dicts of detached 0-d tensors (call float() to log them:
 no GPU sync happens here).
 
-One PPO iteration, as train.py drives it (TinyZero's defaults in brackets):
-    values  = critic_values(critic, ids, attn, n_prompt)                  # V(s_t), before token t
-    kl      = kl_penalty(old_logp, ref_logp, 'k1')                        # KL lives in the reward [k1]
-    rewards = token_rewards(scores, mask, kl, kl_coef)                    # [kl_coef 0.001, fixed]
-    adv, ret = gae(rewards, values, mask, gamma, lam)                     # [gamma = lam = 1]
-    adv     = masked_whiten(adv, mask)
-    loss    = policy_loss(logp, old_logp, adv, mask)[0]                   # [clip 0.2, token-mean]
-              - entropy_coef * aggregate(entropy_from_logits(logits), mask, agg)   # [0.001]
-    vloss   = value_loss(new_values, values, ret, mask)[0]                # [value clip 0.5]
+One PPO step, as train.py drives it (TinyZero's defaults in brackets); the last two functions of this file,
+advantages() and loss(), are the whole of PPO that train.py sees:
+    values  = critic_values(critic, ids, attn, n_prompt)                  # V(s_t), before token t (train.py)
+    advantages(batch, scores, ...):
+      kl      = kl_penalty(old_logp, ref_logp, 'k1')                      # KL lives in the reward [k1]
+      rewards = token_rewards(scores, mask, kl, kl_coef)                  # [kl_coef 0.001, fixed]
+      adv, ret = gae(rewards, values, mask, gamma, lam)                   # [gamma = lam = 1]
+      adv     = masked_whiten(adv, mask, all_ranks=True)
+    loss(logp, new_values, mb, ...), on every micro-batch:
+      policy_loss(logp, old_logp, adv, mask)[0]                           # [clip 0.2, token-mean]
+      + value_loss(new_values, values, ret, mask)[0]                      # [value clip 0.5]
+    train.py subtracts entropy_coef * aggregate(entropy, mask, agg) for both algorithms [0.001].
 GRPO (grpo.py) skips the critic and GAE and reuses policy_loss, kl_penalty and aggregate from here.
 This file imports only torch (transformers lazily, in build_critic).
 """
@@ -22,6 +25,7 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean", "token-sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -42,15 +46,20 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def masked_whiten(x, mask, eps=1e-8):
+def masked_whiten(x, mask, eps=1e-8, all_ranks=False):
     """(x - mean) / std over the valid tokens of the whole batch; padding positions of the output are 0.
 
-    The variance is unbiased (Bessel's n-1), as veRL's masked_whiten that TinyZero uses.
+    The variance is unbiased (Bessel's n-1), as veRL's masked_whiten that TinyZero uses. all_ranks: the mean
+    and variance are those of the batch of all ranks together (sums of n, x and x^2 in float64, one
+    all-reduce), as TinyZero whitens on its single controller.
     """
-    n = mask.sum()
-    mean = masked_mean(x, mask)
-    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1.0)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    sums = torch.stack([mask.sum(), (x * mask).sum(), (x**2 * mask).sum()]).double()
+    if all_ranks and dist.is_initialized():
+        dist.all_reduce(sums)
+    n, s, q = sums.tolist()
+    mean = s / max(n, 1.0)
+    var = (q - n * mean**2) / max(n - 1, 1.0)
+    return (x - mean) * (var + eps) ** -0.5 * mask
 
 
 def aggregate(loss_tok, mask, mode, max_len=None, denom=None):
@@ -77,7 +86,8 @@ def aggregate(loss_tok, mask, mode, max_len=None, denom=None):
     if mode == "token-sum":
         if denom is None:
             if max_len is None:
-                raise ValueError("aggregate mode 'token-sum' needs max_len (the configured max response length) or denom")
+                raise ValueError("aggregate mode 'token-sum' needs max_len (the configured max response length) "
+                                 "or denom")
             denom = loss_tok.shape[0] * max_len
         return total / denom
     raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {LOSS_AGG_MODES}")
@@ -110,7 +120,8 @@ def kl_penalty(logp, ref_logp, estimator):
 # ---------------------------------------------------------------------------------------------------------
 # Policy: clipped surrogate and entropy
 # ---------------------------------------------------------------------------------------------------------
-def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, agg="token-mean", max_len=None, denom=None):
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, agg="token-mean", max_len=None,
+                denom=None):
     """PPO's clipped surrogate: per token max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)).
 
     The max (a pessimistic bound) means: once the ratio has moved past the bound in the direction the
@@ -274,12 +285,51 @@ def update_kl_coef(coef, kl, target, horizon, n_steps):
 @torch.no_grad()
 def explained_variance(values, returns, mask):
     """1 - Var[R - V] / Var[R] over the valid tokens: 1 = perfect critic, 0 = no better than a constant,
-    < 0 = worse. Returns nan when Var[R] == 0 (undefined: e.g. every reward equal), so a log shows it.
+    < 0 = worse. Returns nan when Var[R] is 0 up to float rounding (undefined: e.g. every return equal), so a
+    log shows it instead of a huge number from a denominator of rounding noise.
     """
     def var(x):
         return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
-    var_r = var(returns.float()).item()
-    if var_r == 0.0:
+    returns = returns.float()
+    var_r = var(returns).item()
+    if var_r <= 1e-10 * masked_mean(returns**2, mask).item():  # float32 rounding of equal returns is ~1e-14
         return math.nan
-    return 1.0 - var(returns.float() - values.float()).item() / var_r
+    return 1.0 - var(returns - values.float()).item() / var_r
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The PPO step, as train.py drives it: advantages() once per batch, loss() on every micro-batch. grpo.py
+# provides the same two functions; train.py picks the module with --algo. Fork here to change PPO.
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def advantages(batch, scores, args, kl_coef):
+    """TinyZero's PPO advantages: k1 KL to the reference in the per-token reward (when there is a reference),
+    the score on the last token, GAE over the critic's values, whitened over the batch of all ranks.
+
+    batch: rollout.to_batch()'s, with "values" [B, T] (the critic's, computed by train.py), "old_logp" and,
+    with a reference, "ref_logp". scores [B]. Adds batch["advantages"] and batch["returns"] (the critic's
+    targets). Returns this rank's metrics: the rollout KL, the value mean (of all ranks), explained variance.
+    """
+    mask, vals = batch["mask"], batch["values"]
+    kl = kl_penalty(batch["old_logp"], batch["ref_logp"], "k1") if "ref_logp" in batch else None
+    adv, batch["returns"] = gae(token_rewards(scores, mask, kl, kl_coef), vals, mask, args.gamma, args.lam)
+    batch["advantages"] = masked_whiten(adv, mask, all_ranks=True)
+    n_and_sum = torch.stack([mask.sum(), (vals * mask).sum()]).double()
+    dist.all_reduce(n_and_sum)
+    n, v = n_and_sum.tolist()
+    stats = {"value_mean": v / max(n, 1.0), "explained_var": explained_variance(vals, batch["returns"], mask),
+             "kl_coef": kl_coef}
+    if kl is not None:
+        stats["kl"] = masked_mean(kl, mask).item()
+    return stats
+
+
+def loss(logp, values, mb, args, kl_coef, denom):
+    """The clipped policy loss of a micro-batch plus the critic's clipped value loss (one backward trains both
+    models: their parameters are disjoint). kl_coef is unused: PPO's KL is in the reward. Returns (loss,
+    stats); stats ending in "loss" are this micro-batch's share of the mini-batch's (see aggregate)."""
+    pg, stats = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], args.clip_low, args.clip_high,
+                            args.loss_agg, args.max_response_len, denom)
+    vf, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], args.value_clip, args.loss_agg, denom)
+    return pg + vf, {**stats, **vf_stats, "pg_loss": pg.detach(), "value_loss": vf.detach()}

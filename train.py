@@ -5,17 +5,15 @@
 
 Each step: every rank samples its share of the batch's prompts, generates --group-size responses per prompt
 (rollout.py), scores them (rewards.py), turns scores into advantages (grpo.py, or ppo.py's critic and GAE),
-recomputes log-probs under the current policy, runs the clipped update over micro-batches, and copies the
-new weights into its rollout engine. The policy (and reference, and critic) are sharded with FSDP2.
+runs the clipped update over micro-batches, and copies the new weights into its rollout engine. The policy
+(and reference, and critic) are sharded with FSDP2. The algorithm is a module, grpo or ppo, picked once below
+the flags: both provide advantages(batch, scores, ...) and loss(logp, values, mb, ...); the loop is the same.
 """
 import argparse
-import glob
 import json
 import math
 import os
-import random
 import resource
-import shutil
 import sys
 import time
 
@@ -27,94 +25,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import aha
+import checkpoint
 import data
 import grpo
 import ppo
 import pretrain
 import rewards
 import rollout
-
-# ----------------------------------------------------------------------------------------------------------
-# flags: every one has a default that runs on a laptop CPU
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-# The defaults are the CPU defaults measured for the built-in base (README, "The built-in default"); the README
-# gives TinyZero's flags for Qwen2.5 on GPUs.
-SMALL_LR, SMALL_KL = 1.5e-4, 0.1
-p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-a = p.add_argument
-a("--model", default="assets/countdown-base", help="a local transformers model folder (the default: the "
-  "built-in 0.6M base model made by pretrain.py), or 'tiny': a tiny random Qwen2 built under OUT/tiny_model")
-a("--data", default="", help="folder with train and test files from data.py (jsonl or parquet); empty: "
-  "generate small Countdown tasks into OUT/data")
-a("--algo", default="grpo", choices=["ppo", "grpo"], help="ppo: critic + GAE (TinyZero's default); grpo: "
-  "group-relative advantages, no critic")
-a("--out", default="runs/default", help="run folder: metrics.jsonl, samples/, checkpoints/")
-a("--steps", type=int, default=40, help="RL steps (one batch of prompts each)")
-a("--batch-prompts", type=int, default=8, help="prompts per step over all ranks (TinyZero: 256)")
-a("--group-size", type=int, default=16, help="responses sampled per prompt (GRPO's group)")
-a("--mini-batch-prompts", type=int, default=0, help="prompts per optimizer step; 0: the whole batch "
-  "(TinyZero: 64 of 256)")
-a("--micro-batch", type=int, default=32, help="sequences per forward/backward on one rank (memory knob; "
-  "gradients accumulate, the result does not depend on it)")
-a("--epochs-per-batch", type=int, default=1, help="passes over each batch of rollouts (PPO epochs)")
-a("--max-prompt-len", type=int, default=768, help="prompt tokens; longer prompts are reported, see "
-  "--long-prompts")
-a("--long-prompts", default="fail", choices=["fail", "drop"], help="what to do with prompts longer than "
-  "--max-prompt-len")
-a("--max-response-len", type=int, default=384, help="response tokens; longer responses are cut (truncated)")
-a("--mask-truncated", action="store_true", help="leave truncated responses out of the loss (they still "
-  "count in the reward metrics)")
-a("--temperature", type=float, default=1.0, help="sampling temperature; log-probs use the same")
-a("--top-p", type=float, default=1.0, help="nucleus sampling; the trainer's log-probs ignore it, so keep "
-  "1.0 for exact on-policy ratios")
-a("--lr", type=float, default=0.0, help=f"policy learning rate; 0: {SMALL_LR:g} for our small models (built-in "
-  "base, tiny), TinyZero's 1e-6 for any other")
-a("--critic-lr", type=float, default=0.0, help="PPO critic learning rate; 0: 1e-4 for our small models, "
-  "TinyZero's 1e-5 for any other")
-a("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up, then constant")
-a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
-a("--clip-low", type=float, default=0.2, help="PPO ratio clip below: ratio >= 1 - clip_low")
-a("--clip-high", type=float, default=0.2, help="PPO ratio clip above: ratio <= 1 + clip_high (DAPO: 0.28)")
-a("--loss-agg", default="token-mean", choices=list(ppo.LOSS_AGG_MODES), help="how per-token losses become "
-  "one number: token-mean over the batch, seq-mean (GRPO paper), token-sum / constant (Dr. GRPO)")
-a("--no-std-scale", action="store_true", help="GRPO: do not divide advantages by the group std (Dr. GRPO)")
-a("--kl-coef", type=float, default=-1.0, help=f"KL-to-reference coefficient; negative: {SMALL_KL:g} for our small "
-  "models, TinyZero's 0.001 for any other; 0 skips the reference model. PPO puts k1 in the reward, GRPO adds "
-  "--kl-estimator to the loss")
-a("--kl-estimator", default="k3", choices=list(ppo.KL_ESTIMATORS), help="GRPO's KL loss estimator")
-a("--kl-ctrl", default="fixed", choices=["fixed", "adaptive"], help="PPO: keep --kl-coef, or steer it toward "
-  "--kl-target (TinyZero's kl_ctrl)")
-a("--kl-target", type=float, default=0.1, help="PPO adaptive KL: target KL per token")
-a("--kl-horizon", type=int, default=10000, help="PPO adaptive KL: horizon in samples")
-a("--entropy-coef", type=float, default=0.0, help="entropy bonus coefficient (TinyZero: 0.001); 0 skips it")
-a("--gamma", type=float, default=1.0, help="PPO GAE discount (TinyZero: 1)")
-a("--lam", type=float, default=1.0, help="PPO GAE lambda (TinyZero: 1)")
-a("--value-clip", type=float, default=0.5, help="PPO value loss: clip each value's change to this "
-  "(TinyZero's cliprange_value: 0.5)")
-a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype of training and "
-  "rollout; auto: bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU = autocast, fp32 master weights)")
-a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-a("--rollout", default="vllm", choices=["vllm", "hf"], help="generation engine: in-process vLLM, or "
-  "transformers generate where vLLM is not installed")
-a("--rollout-tp", type=int, default=1, help="tensor parallel size of the vLLM engine (GPU)")
-a("--kv-cache-gib", type=float, default=0.25, help="vLLM KV cache on CPU, GiB per rank")
-a("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of GPU memory")
-a("--eval-every", type=int, default=10, help="validate every K steps (and at the start and the end); 0: off")
-a("--eval-prompts", type=int, default=500, help="test prompts per validation (0: the whole test split)")
-a("--eval-sampled", action="store_true", help="validate with sampling at --temperature too (val_*), not only "
-  "greedy (val_greedy_*)")
-a("--save-every", type=int, default=0, help="checkpoint every K steps (and at the end); 0: only at the end")
-a("--keep-checkpoints", type=int, default=2, help="newest checkpoints to keep")
-a("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
-a("--seed", type=int, default=0, help="seed of data order, sampling and the tiny model")
-a("--wandb", default="", help="wandb project name; logs there too when wandb is installed")
-a("--log-samples", type=int, default=4, help="prompts and responses written to OUT/samples at validation")
-args = p.parse_args()
-
 
 def die(msg):
     """One clear line, then exit: bad input must fail before any heavy work."""
@@ -125,63 +43,112 @@ def die(msg):
     sys.exit(2)
 
 
+def number(kind, lo=-math.inf, hi=math.inf, above=False, auto=False):
+    """An argparse type: kind(text) in [lo, hi] (lo < x with above), or "auto" where auto is allowed."""
+    def parse(text):
+        if auto and text == "auto":
+            return text
+        x = kind(text)
+        if x > hi or (x <= lo if above else x < lo):
+            raise argparse.ArgumentTypeError(f"{text}: must be {'>' if above else '>='} {lo:g}" +
+                                              (f" and <= {hi:g}" if hi < math.inf else "") + (" (or auto)" * auto))
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 # ----------------------------------------------------------------------------------------------------------
-# helpers of the loop
-def micro_batches(batch, idx, size):
-    """Split the rows idx of batch into micro-batches of at most size rows."""
-    for s in range(0, len(idx), size):
-        yield {k: v[idx[s:s + size]] for k, v in batch.items()}
+# flags: every one has a default that runs on a laptop CPU. "auto" picks per model: our small models (the
+# built-in base, tiny) take the CPU values measured for the built-in base (README), any other TinyZero's.
+SMALL = dict(lr=1.5e-4, critic_lr=1e-4, kl_coef=0.1)
+TINYZERO = dict(lr=1e-6, critic_lr=1e-5, kl_coef=1e-3)
+RUN_DEFINING = ("algo", "model", "data", "seed", "batch_prompts", "group_size")  # --resume refuses changes
+POSITIVE, COUNT, SHARE = number(int, 1), number(int, 0), number(float, 0, 1, above=True)
+RATE, COEF = number(float, 0, above=True, auto=True), number(float, 0)
 
 
-def allreduce_sums(d):
-    """Sum a dict of floats over ranks (one collective)."""
-    keys = sorted(d)
-    t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
 
 
-def plot_curves(metrics_path, png_path):
-    """PNG of the run's curves from metrics.jsonl, when matplotlib is installed (the run never needs it)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [json.loads(line) for line in open(metrics_path)]
-    keys = [k for k in ("reward_mean", "acc", "response_len", "val_greedy_acc", "val_acc", "val_greedy_response_len",
-                        *(f"val_greedy_{a}" for a in rewards.AHA_KEYS)) if any(r.get(k) is not None for r in rows)]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2 * len(keys)), sharex=True, squeeze=False)
-    for ax, k in zip(axes[:, 0], keys):
-        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
-        ax.plot(*zip(*pts), marker="." if k.startswith("val") else None)
-        ax.set_ylabel(k, fontsize=8)
-    axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
-    return True
-
-
-def allreduce_max(xs):
-    """Element-wise max of a list of floats over ranks."""
-    t = torch.tensor(xs, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def shard(model, mesh, mp_policy):
-    """FSDP2: one unit per decoder layer (its parameters are gathered just in time), then the root."""
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
-    return model
+p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+p.error = die  # argparse's own errors too: one line, no usage screen
+g = p.add_argument_group("model and data")
+g.add_argument("--model", default="assets/countdown-base", help="a local transformers model folder (default: "
+               "the built-in 0.6M base made by pretrain.py), or 'tiny': a random Qwen2 built in OUT/tiny_model")
+g.add_argument("--data", default="", help="folder with train and test files from data.py (jsonl or parquet); "
+               "empty: small Countdown tasks generated into OUT/data")
+g.add_argument("--max-prompt-len", type=POSITIVE, default=768, help="prompt tokens; see --long-prompts")
+g.add_argument("--long-prompts", default="fail", choices=["fail", "drop"], help="longer prompts: stop, or drop them")
+g.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and the tiny model")
+g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="training and rollout "
+               "dtype; auto: bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU: autocast, fp32 master weights)")
+g = p.add_argument_group("rollout")
+g.add_argument("--algo", default="grpo", choices=["ppo", "grpo"], help="ppo: critic + GAE (TinyZero's); grpo: "
+               "group-relative advantages")
+g.add_argument("--batch-prompts", type=POSITIVE, default=8, help="prompts per step over all ranks (TinyZero: 256)")
+g.add_argument("--group-size", type=POSITIVE, default=16, help="responses sampled per prompt (GRPO's group)")
+g.add_argument("--max-response-len", type=POSITIVE, default=384, help="response tokens; longer ones are cut")
+g.add_argument("--temperature", type=COEF, default=1.0, help="sampling temperature; log-probs use the same")
+g.add_argument("--top-p", type=SHARE, default=1.0, help="nucleus sampling (not in the log-probs: keep 1.0)")
+g.add_argument("--rollout", default="vllm", choices=["vllm", "hf"], help="in-process vLLM, or transformers")
+g.add_argument("--rollout-tp", type=POSITIVE, default=1, help="tensor parallel size of the vLLM engine (GPU)")
+g.add_argument("--kv-cache-gib", type=number(float, 0, above=True), default=0.25, help="vLLM's KV cache on CPU")
+g.add_argument("--gpu-memory-utilization", type=SHARE, default=0.3, help="vLLM's share of GPU memory")
+g = p.add_argument_group("optimisation")
+g.add_argument("--steps", type=POSITIVE, default=40, help="RL steps (one batch of prompts each)")
+g.add_argument("--lr", type=RATE, default="auto", help=f"policy learning rate; auto: {SMALL['lr']:g} for our "
+               f"small models, {TINYZERO['lr']:g} (TinyZero) for any other")
+g.add_argument("--mini-batch-prompts", type=COUNT, default=0, help="prompts per optimizer step; 0: the batch")
+g.add_argument("--micro-batch", type=POSITIVE, default=32, help="sequences per forward/backward on a rank (memory)")
+g.add_argument("--epochs-per-batch", type=POSITIVE, default=1, help="passes over each batch of rollouts")
+g.add_argument("--warmup", type=COUNT, default=0, help="steps of linear learning-rate warm-up, then constant")
+g.add_argument("--weight-decay", type=COEF, default=0.0, help="AdamW weight decay")
+g.add_argument("--grad-clip", type=COEF, default=1.0, help="clip the global gradient norm to this (0: off)")
+g.add_argument("--clip-low", type=number(float, 0, 1), default=0.2, help="ratio clip: ratio >= 1 - clip_low")
+g.add_argument("--clip-high", type=COEF, default=0.2, help="ratio clip: ratio <= 1 + clip_high (DAPO: 0.28)")
+g.add_argument("--loss-agg", default="token-mean", choices=list(ppo.LOSS_AGG_MODES), help="see ppo.aggregate")
+g.add_argument("--mask-truncated", action="store_true", help="leave truncated responses out of the loss")
+g.add_argument("--kl-coef", type=number(float, 0, auto=True), default="auto", help=f"KL to the reference; auto: "
+               f"{SMALL['kl_coef']:g} for our small models, {TINYZERO['kl_coef']:g} (TinyZero) for any other; 0: "
+               "no reference model. PPO puts k1 in the reward, GRPO --kl-estimator in the loss")
+g.add_argument("--entropy-coef", type=COEF, default=0.0, help="entropy bonus (TinyZero: 0.001)")
+g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (memory)")
+g.add_argument("--max-skipped-steps", type=POSITIVE, default=3, help="stop after this many steps in a row whose "
+               "updates all had a non-finite loss or gradient (skipped: nothing applied)")
+g = p.add_argument_group("PPO")
+g.add_argument("--critic-lr", type=RATE, default="auto", help=f"critic learning rate; auto: {SMALL['critic_lr']:g} "
+               f"for our small models, {TINYZERO['critic_lr']:g} (TinyZero) for any other")
+g.add_argument("--gamma", type=number(float, 0, 1), default=1.0, help="GAE discount (TinyZero: 1)")
+g.add_argument("--lam", type=number(float, 0, 1), default=1.0, help="GAE lambda (TinyZero: 1)")
+g.add_argument("--value-clip", type=number(float, 0, above=True), default=0.5, help="clip each value's change")
+g.add_argument("--kl-ctrl", default="fixed", choices=["fixed", "adaptive"], help="adaptive: toward --kl-target")
+g.add_argument("--kl-target", type=number(float, 0, above=True), default=0.1, help="adaptive KL: target per token")
+g.add_argument("--kl-horizon", type=POSITIVE, default=10000, help="adaptive KL: horizon in samples")
+g = p.add_argument_group("GRPO")
+g.add_argument("--no-std-scale", action="store_true", help="do not divide by the group's std (Dr. GRPO)")
+g.add_argument("--kl-estimator", default="k3", choices=list(ppo.KL_ESTIMATORS), help="the KL loss estimator")
+g = p.add_argument_group("validation and logs")
+g.add_argument("--eval-every", type=COUNT, default=10, help="validate every K steps, first and last (0: off)")
+g.add_argument("--eval-prompts", type=COUNT, default=500, help="test prompts per validation (0: all)")
+g.add_argument("--eval-sampled", action="store_true", help="validate sampled at --temperature too (val_*)")
+g.add_argument("--log-samples", type=COUNT, default=4, help="responses written to OUT/samples at validation")
+g.add_argument("--wandb", default="", help="wandb project name; logs there too when wandb is installed")
+g = p.add_argument_group("checkpoints")
+g.add_argument("--out", default="runs/default", help="run folder: metrics.jsonl, samples/, checkpoints/")
+g.add_argument("--save-every", type=COUNT, default=0, help="checkpoint every K steps and at the end (0: the end)")
+g.add_argument("--keep-checkpoints", type=POSITIVE, default=2, help="newest checkpoints to keep")
+g.add_argument("--resume", action="store_true", help="continue from the newest whole checkpoint in OUT")
+g.add_argument("--force-resume", action="store_true", help="resume even where flags that define the run "
+               f"({', '.join('--' + k.replace('_', '-') for k in RUN_DEFINING)}) differ from the checkpoint's")
+args = p.parse_args()
+algo = {"ppo": ppo, "grpo": grpo}[args.algo]  # the algorithm: advantages() and loss(); the loop is shared
 
 
 # ----------------------------------------------------------------------------------------------------------
 # process group: torchrun sets RANK/WORLD_SIZE; plain `python train.py` runs as a world of one
+if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: die with it (a kill -9 of it leaves no orphans)
+    checkpoint.exit_with_parent()
 if "RANK" not in os.environ:  # plain `python train.py`: a world of one, on a free port
     import socket
     with socket.socket() as sock:
@@ -191,69 +158,73 @@ if "RANK" not in os.environ:  # plain `python train.py`: a world of one, on a fr
         os.environ.setdefault(k, v)
 T_START = time.time()
 rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+master = rank == 0
 cuda = torch.cuda.is_available()
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
          "bfloat16": torch.bfloat16}[args.dtype]
-master = rank == 0
 
 # ----------------------------------------------------------------------------------------------------------
-# check the input before anything heavy
-if args.batch_prompts % world:
-    die(f"--batch-prompts {args.batch_prompts} does not split over {world} ranks")
+# check the input before anything heavy: each problem is one line, before any model loads
 mini = args.mini_batch_prompts or args.batch_prompts
-if args.batch_prompts % mini or mini % world:
-    die(f"--mini-batch-prompts {mini} must divide --batch-prompts {args.batch_prompts} and split over "
-        f"{world} ranks")
-if args.algo == "grpo" and args.group_size < 2:
-    die("--group-size 1 with --algo grpo: a group of one has no relative advantage (use >= 2, or --algo ppo)")
-if args.rollout_tp < 1 or world % args.rollout_tp:
-    die(f"--rollout-tp {args.rollout_tp} must divide the number of ranks {world}")
-if min(args.steps, args.micro_batch, args.max_prompt_len, args.max_response_len, args.epochs_per_batch) < 1:
-    die("--steps, --micro-batch, --max-prompt-len, --max-response-len, --epochs-per-batch must be >= 1")
-if not 0 <= args.temperature or (args.temperature == 0 and args.group_size > 1):
-    die(f"--temperature {args.temperature}: use > 0 for sampling (0 is greedy, the same response n times)")
-if args.model != "tiny" and not os.path.isfile(os.path.join(args.model, "config.json")):
-    die(f"--model {args.model!r} is not a model folder (no config.json there); give a local transformers "
-        "folder or 'tiny'")
+for bad, msg in (
+    (args.batch_prompts % world, f"--batch-prompts {args.batch_prompts} does not split over {world} ranks"),
+    (args.batch_prompts % mini or mini % world, f"--mini-batch-prompts {mini} must divide --batch-prompts "
+     f"{args.batch_prompts} and split over {world} ranks"),
+    (args.algo == "grpo" and args.group_size < 2, "--group-size 1 with --algo grpo: a group of one has no relative "
+     "advantage (use >= 2, or --algo ppo)"),
+    (world % args.rollout_tp, f"--rollout-tp {args.rollout_tp} must divide the number of ranks {world}"),
+    (args.temperature == 0 and args.group_size > 1, "--temperature 0 is greedy: the same response n times"),
+    (args.kl_ctrl == "adaptive" and args.algo != "ppo", "--kl-ctrl adaptive steers PPO's KL reward: use --algo ppo"),
+):
+    if bad:
+        die(msg)
+if args.model != "tiny" and (problem := checkpoint.model_problem(args.model)):
+    die(f"--model {args.model!r} {problem}; give a local transformers folder or 'tiny'")
+data_dir = args.data or os.path.join(args.out, "data")  # empty --data: tasks generated there (rank 0, below)
 try:
     if args.data:
-        train_path, test_path = data.find_split(args.data, "train"), data.find_split(args.data, "test")
-except FileNotFoundError as e:
+        train_path, test_path = data.find_split(data_dir, "train"), data.find_split(data_dir, "test")
+except (FileNotFoundError, ValueError) as e:
     die(f"--data {args.data!r}: {e}")
-os.makedirs(args.out, exist_ok=True)
-ckpt_root = os.path.join(args.out, "checkpoints")
-resume_dir = None
-if args.resume:
-    done = sorted(glob.glob(os.path.join(ckpt_root, "step_*[0-9]")), key=lambda d: int(d.rsplit("_", 1)[1]))
-    if not done:
-        die(f"--resume: no checkpoint in {ckpt_root}")
-    resume_dir = done[-1]
+try:
+    os.makedirs(args.out, exist_ok=True)
+except OSError as e:
+    die(f"--out {args.out!r}: cannot make the folder ({e.strerror})")
 
 if cuda:
     torch.cuda.set_device(device)
 dist.init_process_group("nccl" if cuda else "gloo")
 mesh = init_device_mesh(device.type, (world,))
+ckpt_root, metrics_path = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "metrics.jsonl")
+
+
+# Rank 0 locks OUT for the run's life (one trainer per OUT) and, with --resume, picks the newest whole checkpoint
+# of this run; every rank learns the outcome before anything heavy happens.
+claim = [checkpoint.claim(args.out, vars(args), RUN_DEFINING) if master else None]
+dist.broadcast_object_list(claim, src=0)
+problem, resume_dir, start_step = claim[0]
+if problem:
+    die(problem)
+if resume_dir and start_step == args.steps:
+    if master:
+        print(f"train.py: {resume_dir} is step {start_step} of --steps {args.steps}: nothing left to do")
+    sys.exit(0)
+if master and resume_dir:
+    checkpoint.trim_log(metrics_path, start_step)  # the lines of steps after the checkpoint are redone
+elif master and os.path.exists(metrics_path):
+    os.remove(metrics_path)  # a fresh run starts a fresh log
 
 # A model made by pretrain.py says what it was pretrained on: the tasks to generate, and our small-model defaults.
 made = os.path.join(args.model, "pretrain.json")
 pretrained = json.load(open(made))["args"] if os.path.isfile(made) else None
 
-# data: generated on rank 0 when --data is empty, then read by every rank
+# data: the built-in default's tasks are generated on rank 0 when --data is empty, then every rank reads them
 if not args.data:
-    args.data = os.path.join(args.out, "data")
-    if master and not os.path.exists(os.path.join(args.data, "test.jsonl")):
-        # A base model made by pretrain.py gets the tasks and the prompt template it was pretrained on; any
-        # other model small Countdown tasks in TinyZero's prompt. 500 test tasks: the validation set.
-        kw = dict(num_counts=(3,), num_range=(1, 20), target_range=(10, 50), template="base")
-        if pretrained:
-            kw = dict(num_counts=pretrained["num_counts"], num_range=pretrained["num_range"],
-                      target_range=pretrained["target_range"], template="tiny")
-        tr, te = data.make_splits("countdown", 2048, 500, seed=args.seed, workers=1, **kw)
-        data.write_rows(tr, os.path.join(args.data, "train.jsonl"))
-        data.write_rows(te, os.path.join(args.data, "test.jsonl"))
+    if master:
+        data.default_splits(data_dir, args.seed, pretrained)
     dist.barrier()
-    train_path, test_path = data.find_split(args.data, "train"), data.find_split(args.data, "test")
+    train_path, test_path = data.find_split(data_dir, "train"), data.find_split(data_dir, "test")
 try:
     train_rows, test_rows = data.load_rows(train_path), data.load_rows(test_path)
 except ValueError as e:
@@ -293,8 +264,7 @@ if len(train_rows) < args.batch_prompts:
     die(f"{len(train_rows)} train prompts are fewer than --batch-prompts {args.batch_prompts}")
 
 # ----------------------------------------------------------------------------------------------------------
-# models: policy (trained), reference (frozen, only for the KL term), critic (PPO)
-init_path = resume_dir or model_path
+# models: policy (trained), reference (frozen, only for the KL term), critic (PPO); FSDP2 shards all three
 mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
 # On CPU, bf16 is autocast around an fp32 model (FSDP2's mixed precision is a CUDA path).
 autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not cuda and dtype == torch.bfloat16)
@@ -302,93 +272,87 @@ autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not cuda and dtyp
 
 def load_model(path, trainable, critic=False):
     if critic:  # the policy's architecture with a scalar value head, backbone from path
-        m = ppo.build_critic(path, torch.float32).to(device)
+        model = ppo.build_critic(path, torch.float32).to(device)
     else:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
     if trainable and args.grad_checkpointing:
-        m.gradient_checkpointing_enable()
-    m.config.use_cache = False
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
     if not trainable:
-        m.requires_grad_(False).eval()
-    return shard(m, mesh, mp_policy)
+        model.requires_grad_(False).eval()
+    for layer in model.model.layers:  # one FSDP unit per decoder layer: gathered just in time, then the root
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    return fully_shard(model, mesh=mesh, mp_policy=mp_policy)
 
 
-# a model of ours (random tiny, or made by pretrain.py) takes the CPU learning rates and KL coefficient measured
-# for the built-in base (README), any other TinyZero's
-small = args.model == "tiny" or pretrained is not None
-lr, critic_lr = args.lr or (SMALL_LR if small else 1e-6), args.critic_lr or (1e-4 if small else 1e-5)
-kl_coef = args.kl_coef if args.kl_coef >= 0 else SMALL_KL if small else 1e-3  # PPO's adaptive controller changes it
+defaults = SMALL if args.model == "tiny" or pretrained is not None else TINYZERO  # our small models, or not
+lr, critic_lr, kl_coef = (defaults[k] if getattr(args, k) == "auto" else getattr(args, k)
+                          for k in ("lr", "critic_lr", "kl_coef"))  # PPO's adaptive controller changes kl_coef
+init_path = resume_dir or model_path
 torch.manual_seed(args.seed)
 policy = load_model(init_path, trainable=True)
 ref = load_model(model_path, trainable=False) if kl_coef > 0 else None
 critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_path, trainable=True,
                     critic=True) if args.algo == "ppo" else None
-opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=args.weight_decay)
-critic_opt = torch.optim.AdamW(critic.parameters(), lr=critic_lr, weight_decay=args.weight_decay) if critic else None
+# what is trained: (model, optimizer, schedule, the name its gradient norm is logged under)
 warmup = lambda s: min(1.0, (s + 1) / (args.warmup + 1))  # noqa: E731
-sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
-critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, warmup) if critic else None
-start_step = 0
-if resume_dir:
-    for model, optim, name in ((policy, opt, "optimizer.pt"), (critic, critic_opt, "critic_optimizer.pt")):
-        if model is not None:
-            osd = torch.load(os.path.join(resume_dir, name), map_location="cpu", weights_only=False)
-            set_optimizer_state_dict(model, optim, osd, options=StateDictOptions(full_state_dict=True))
-    state = torch.load(os.path.join(resume_dir, "trainer_state.pt"), weights_only=False)
-    sched.load_state_dict(state["scheduler"])
-    if critic:
-        critic_sched.load_state_dict(state["critic_scheduler"])
-    start_step, kl_coef = state["step"], state["kl_coef"]
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
+trained = []
+for model, model_lr, name in ((policy, lr, "grad_norm"), (critic, critic_lr, "critic_grad_norm")):
+    if model is not None:
+        optim = torch.optim.AdamW(model.parameters(), lr=model_lr, weight_decay=args.weight_decay)
+        trained.append((model, optim, torch.optim.lr_scheduler.LambdaLR(optim, warmup), name))
+if resume_dir:  # weights_only: a checkpoint is data, never code that runs when it is loaded
+    for (model, optim, sched, _), name in zip(trained, ("optimizer.pt", "critic_optimizer.pt")):
+        osd = torch.load(os.path.join(resume_dir, name), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, optim, osd, options=StateDictOptions(full_state_dict=True))
+    state = torch.load(os.path.join(resume_dir, "trainer_state.pt"), weights_only=True)
+    for (model, optim, sched, name), sd in zip(trained, state["schedulers"]):
+        sched.load_state_dict(sd)
+    kl_coef = state["kl_coef"]
+    checkpoint.set_rng_state(state["rng"][rank])
 
 engine = rollout.make_engine(args.rollout, init_path, dtype=dtype, device=device, seed=args.seed,
                              max_model_len=args.max_prompt_len + args.max_response_len, tp=args.rollout_tp,
                              kv_cache_gib=args.kv_cache_gib, gpu_memory_utilization=args.gpu_memory_utilization)
 
 
-def save_checkpoint(step):
-    """OUT/checkpoints/step_N: a transformers folder plus optimizer, scheduler, RNG, step (and critic/).
+# ----------------------------------------------------------------------------------------------------------
+# helpers of the loop
+def allreduce(d, op=dist.ReduceOp.SUM):
+    """Sum (or max) a dict of floats over ranks, in one collective."""
+    keys = sorted(d)
+    t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64, device="cuda" if cuda else "cpu")
+    dist.all_reduce(t, op=op)
+    return dict(zip(keys, t.tolist()))
 
-    Written to a temporary folder and renamed, so a crash never leaves a half checkpoint behind."""
-    final = os.path.join(ckpt_root, f"step_{step}")
-    tmp = final + ".tmp"
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only, in CPU memory
-    parts = [(policy, opt, tmp, "optimizer.pt")]
-    if critic:
-        parts.append((critic, critic_opt, os.path.join(tmp, "critic"), "critic_optimizer.pt"))
-    saved = [(get_model_state_dict(m, options=full), get_optimizer_state_dict(m, o, options=full), d, name)
-             for m, o, d, name in parts]
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    rngs = [None] * world
-    dist.all_gather_object(rngs, rng)
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for (sd, osd, d, name), (m, *_) in zip(saved, parts):
-            m.save_pretrained(d, state_dict=sd)
-            torch.save(osd, os.path.join(tmp, name))
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "scheduler": sched.state_dict(), "rng": rngs, "kl_coef": kl_coef,
-                    "critic_scheduler": critic_sched.state_dict() if critic else None, "args": vars(args)},
-                   os.path.join(tmp, "trainer_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted(glob.glob(os.path.join(ckpt_root, "step_*[0-9]")), key=lambda d: int(d.rsplit("_", 1)[1]))
-        for d in old[:-args.keep_checkpoints]:
-            shutil.rmtree(d, ignore_errors=True)
-    dist.barrier()
+
+def micro_batches(batch, idx, size):
+    """Split the rows idx of batch into micro-batches of at most size rows."""
+    for start in range(0, len(idx), size):
+        yield {k: v[idx[start:start + size]] for k, v in batch.items()}
+
+
+def per_micro_batch(fn, batch):
+    """fn(micro-batch) over the whole batch, in order, concatenated: the passes before the update."""
+    return torch.cat([fn(mb) for mb in micro_batches(batch, torch.arange(len(batch["mask"])), args.micro_batch)])
+
+
+def values(mb):
+    """The critic's values of the response tokens [B, T]."""
+    with autocast:
+        return ppo.critic_values(critic, mb["input_ids"], mb["attention_mask"],
+                                 mb["input_ids"].shape[1] - mb["mask"].shape[1], mb["position_ids"])
 
 
 def batch_indices(step):
     """This rank's prompt indices at a step: a fresh permutation of the train set each epoch, by seed.
 
     A function of (seed, step) alone, so resuming at step N replays the same data order."""
-    per_epoch = len(train_rows) // args.batch_prompts
-    epoch, k = divmod(step, per_epoch)
+    epoch, k = divmod(step, len(train_rows) // args.batch_prompts)
     order = np.random.default_rng([args.seed, epoch]).permutation(len(train_rows))
-    glob_idx = order[k * args.batch_prompts:(k + 1) * args.batch_prompts]
     per_rank = args.batch_prompts // world
-    return glob_idx[rank * per_rank:(rank + 1) * per_rank].tolist()
+    start = k * args.batch_prompts + rank * per_rank
+    return order[start:start + per_rank].tolist()
 
 
 def sample_and_score(rows, prompts, n, temperature, seed):
@@ -398,45 +362,126 @@ def sample_and_score(rows, prompts, n, temperature, seed):
                                pad_token_id=pad_id)
     t = time.time()
     texts = tokenizer.batch_decode([s["token_ids"] for s in samples], skip_special_tokens=True)
-    scores = [rewards.score(rows[k // n], t) for k, t in enumerate(texts)]
+    scores = [rewards.score(rows[k // n], text) for k, text in enumerate(texts)]
     return samples, texts, scores, time.time() - t
 
 
 def validate(step):
-    """Greedy (and with --eval-sampled, sampled) reward, accuracy and response length on the test split, and
-    for Countdown rows the "aha" metrics of rewards.aha_metrics: attempts per response, the share of answers
-    that repeat an attempt that hit the target, and the share of responses that stop right after the first hit."""
+    """Greedy (and with --eval-sampled, sampled) reward, accuracy and response length on the test split, and for
+    Countdown rows the aha metrics (aha.py): attempts per response, answers that repeat an attempt that hit the
+    target, responses that stop right after the first hit."""
     idx = list(range(len(test_rows)))[: args.eval_prompts or None][rank::world]
     rows, prompts = [test_rows[i] for i in idx], [test_ids[i] for i in idx]
     out = {}
     for name, temp in (("val", args.temperature), ("val_greedy", 0.0))[0 if args.eval_sampled else 1:]:
         samples, texts, scores, _ = sample_and_score(rows, prompts, 1, temp, seed=10**6 * (step + 1) + rank)
-        aha = [a for a in map(rewards.row_aha_metrics, rows, texts) if a is not None]
-        s = allreduce_sums({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
-                            "len": sum(len(x["token_ids"]) for x in samples), "n_aha": len(aha),
-                            **{k: sum(a[k] for a in aha) for k in rewards.AHA_KEYS}})
-        n, n_aha = max(s["n"], 1), s["n_aha"]
-        out.update({f"{name}_reward": s["reward"] / n, f"{name}_acc": s["acc"] / n,
-                    f"{name}_response_len": s["len"] / n})
-        if n_aha:
-            out.update({f"{name}_{k}": s[k] / n_aha for k in rewards.AHA_KEYS})
+        found = [x for x in map(aha.row_metrics, rows, texts) if x is not None]
+        tot = allreduce({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
+                         "len": sum(len(x["token_ids"]) for x in samples), "n_aha": len(found),
+                         **{k: sum(x[k] for x in found) for k in aha.KEYS}})
+        n = max(tot["n"], 1)
+        out.update({f"{name}_reward": tot["reward"] / n, f"{name}_acc": tot["acc"] / n,
+                    f"{name}_response_len": tot["len"] / n})
+        if tot["n_aha"]:
+            out.update({f"{name}_{k}": tot[k] / tot["n_aha"] for k in aha.KEYS})
         if master and args.log_samples:
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
             with open(os.path.join(args.out, "samples", f"step_{step}_{name}.jsonl"), "w") as f:
-                for r, t, sc in list(zip(rows, texts, scores))[: args.log_samples]:
-                    f.write(json.dumps({"prompt": data.prompt_text(r, tokenizer), "response": t,
+                for r, text, sc in list(zip(rows, texts, scores))[: args.log_samples]:
+                    f.write(json.dumps({"prompt": data.prompt_text(r, tokenizer), "response": text,
                                         "score": sc}) + "\n")
     out["elapsed"] = time.time() - T_START
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the loop
-from tqdm import tqdm  # noqa: E402
+def update(batch):
+    """Epochs x mini-batches x micro-batches: one optimizer step per mini-batch, gradients accumulated over its
+    micro-batches. Returns the rank's means of the algorithm's stats (and the number of optimizer steps skipped
+    for a non-finite loss or gradient), and the sampler/trainer log-prob gap: its max and sum."""
+    n_local, per_mini = len(batch["mask"]), mini // world * args.group_size  # sequences of a mini-batch here
+    sums, n_updates, n_skipped, gap_max, gap_sum = {}, 0, 0, 0.0, 0.0
 
-metrics_path = os.path.join(args.out, "metrics.jsonl")
-if master and not resume_dir and os.path.exists(metrics_path):
-    os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed one appends
+    def add(k, v, w=1.0):
+        sums[k] = sums.get(k, 0.0) + float(v) * w
+
+    for epoch in range(args.epochs_per_batch):
+        shuffle = args.epochs_per_batch > 1 or per_mini < n_local
+        perm = torch.randperm(n_local) if shuffle else torch.arange(n_local)
+        for start in range(0, n_local, per_mini):
+            rows = perm[start:start + per_mini]
+            # Every micro-batch's loss is its share of the loss of the whole mini-batch over all ranks: the
+            # divisor is the mini-batch's, summed over ranks, over world, since FSDP averages the gradients.
+            local = {"token-mean": batch["mask"][rows].sum().item(), "seq-mean": len(rows),
+                     "token-sum": len(rows) * args.max_response_len}[args.loss_agg]
+            denom = allreduce({"d": local})["d"] / world
+            mbs, loss_sum = list(micro_batches(batch, rows, args.micro_batch)), 0.0
+            for j, mb in enumerate(mbs):
+                for model, *_ in trained:  # reduce-scatter the gradients once per mini-batch, not per micro
+                    model.set_requires_gradient_sync(j == len(mbs) - 1)
+                logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True)
+                # With one epoch and one mini-batch the policy that sampled is this one: old = new, detached.
+                mb.setdefault("old_logp", logp.detach())
+                loss, stats = algo.loss(logp, values(mb) if critic else None, mb, args, kl_coef=kl_coef,
+                                        denom=denom)
+                if args.entropy_coef:  # a bonus: maximising entropy keeps exploration alive
+                    loss = loss - args.entropy_coef * ppo.aggregate(ent, mb["mask"], args.loss_agg,
+                                                                    args.max_response_len, denom)
+                loss.backward()
+                # losses are already each micro-batch's share of the mini-batch's; means weigh by its rows
+                w = len(mb["mask"]) / len(rows)
+                loss_sum += loss.item()
+                add("loss", loss.item())
+                add("entropy", ppo.masked_mean(ent.detach(), mb["mask"]), w)
+                for k, v in stats.items():
+                    add(k, v, 1.0 if k.endswith("loss") else w)
+                if epoch == 0:  # the trainer's log-probs of the sampling policy against the sampler's own
+                    gap = (mb["sampler_logp"] - mb["old_logp"]).abs() * mb["valid"]
+                    gap_max, gap_sum = max(gap_max, gap.max().item()), gap_sum + gap.sum().item()
+            norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+                     for model, *_ in trained]
+            norms = [float(x.full_tensor() if hasattr(x, "full_tensor") else x) for x in norms]
+            # A non-finite loss or gradient on any rank skips this optimizer step on all of them: NaN never
+            # reaches the weights or the optimizer state.
+            skip = allreduce({"bad": not math.isfinite(sum(norms) + loss_sum)}, op=dist.ReduceOp.MAX)["bad"]
+            for (model, optim, _, name), norm in zip(trained, norms):
+                add(name, norm)
+                if not skip:
+                    optim.step()
+                optim.zero_grad(set_to_none=True)
+            n_updates, n_skipped = n_updates + 1, n_skipped + skip
+    for model, optim, sched, name in trained:
+        sched.step()
+    return {**{k: v / n_updates for k, v in sums.items()}, "skipped_updates": n_skipped}, gap_max, gap_sum
+
+
+def save_checkpoint(step):
+    """OUT/checkpoints/step_N: a transformers folder plus optimizer, schedule, RNG, step (and critic/), written by
+    checkpoint.save: into a temporary folder, a manifest last, then renamed; a crash never leaves a half one.
+    Weights that are not finite are never saved: the run stops instead, with the newest checkpoint intact."""
+    bad = sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in policy.parameters())
+    if allreduce({"bad": bad})["bad"]:
+        die(f"step {step}: the policy's weights are not finite; not saved (the newest checkpoint is intact)")
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only, in CPU memory
+    saved = [(get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optim, options=full))
+             for model, optim, *_ in trained]
+    rngs = [None] * world
+    dist.all_gather_object(rngs, checkpoint.rng_state())
+
+    def write(tmp):
+        places = [(tmp, "optimizer.pt"), (os.path.join(tmp, "critic"), "critic_optimizer.pt")]  # policy, critic
+        for (sd, osd), (model, *_), (folder, name) in zip(saved, trained, places):
+            model.save_pretrained(folder, state_dict=sd)
+            torch.save(osd, os.path.join(tmp, name))
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "schedulers": [sched.state_dict() for model, optim, sched, name in trained],
+                    "rng": rngs, "kl_coef": kl_coef}, os.path.join(tmp, "trainer_state.pt"))
+
+    if master:
+        checkpoint.save(os.path.join(ckpt_root, f"step_{step}"), write, info={"step": step, "args": vars(args)})
+        checkpoint.prune(ckpt_root, args.keep_checkpoints)
+    dist.barrier()
+
+
 wandb = None
 if master and args.wandb:
     try:
@@ -444,8 +489,6 @@ if master and args.wandb:
         wandb.init(project=args.wandb, config=vars(args), resume="allow")
     except ImportError:
         print("--wandb given but wandb is not installed: logging to metrics.jsonl only")
-bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master,
-           dynamic_ncols=True)
 
 
 def log(m):
@@ -453,171 +496,81 @@ def log(m):
     if not master:
         return
     tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
-    m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # valid JSON
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(m) + "\n")
+    m = checkpoint.append_line(metrics_path, m)
     if wandb:
         wandb.log(m, step=m["step"])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+from tqdm import tqdm  # noqa: E402
+
+# With one epoch and one mini-batch the update's own forward gives the old log-probs (see update()); otherwise
+# they are computed before it. PPO's KL reward reads them before the update too.
+old_logp_first = args.epochs_per_batch > 1 or mini < args.batch_prompts or (critic is not None and ref is not None)
+updates_per_step, skipped_steps = args.epochs_per_batch * args.batch_prompts // mini, 0
 if args.eval_every and start_step == 0:
     log({"step": 0, **validate(0)})  # the baseline of the validation curve
+bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master,
+           dynamic_ncols=True)
 for step in bar:
-    m = {}
-    # 1. rollout -----------------------------------------------------------------------------------------
+    # 1. rollout: group-size responses for each of this rank's prompts, and their rewards -------------------
     t0 = time.time()
     idx = batch_indices(step)
     rows, prompts = [train_rows[i] for i in idx], [train_ids[i] for i in idx]
-    G = args.group_size
-    samples, texts, scores, time_reward = sample_and_score(rows, prompts, G, args.temperature,
-                                              seed=args.seed + 10**6 * step + 10**4 * rank)
+    samples, texts, scores, time_reward = sample_and_score(rows, prompts, args.group_size, args.temperature,
+                                                           seed=args.seed + 10**6 * step + 10**4 * rank)
     rollout.sleep(engine)
     t1 = time.time()
-    # 2. log-probs and advantages -------------------------------------------------------------------------
-    batch = rollout.to_batch(prompts, samples, G, pad_id, device, args.mask_truncated)
-    mask = batch["mask"]
-    all_rows = torch.arange(len(samples))
-    P = batch["input_ids"].shape[1] - mask.shape[1]  # prompt columns
-    # With one epoch and one mini-batch, the policy that sampled is the policy at the only update, so the old
-    # log-probs are the update's own, detached (ratio 1): no separate forward. Otherwise they are recomputed here
-    # (PPO's KL reward needs them before the update too).
-    one_pass = args.epochs_per_batch == 1 and mini == args.batch_prompts and not (critic and ref is not None)
+    # 2. log-probs and advantages -----------------------------------------------------------------------------
+    batch = rollout.to_batch(prompts, samples, args.group_size, pad_id, device, args.mask_truncated)
     with torch.no_grad():
-        # old log-probs: the policy that sampled, recomputed by the trainer. The sampler's own numbers serve
-        # only as a check: a gap between the two means the weight sync (or the alignment) is broken.
-        if not one_pass:
-            batch["old_logp"] = torch.cat([ppo.response_logprobs(policy, mb, args.temperature, autocast)
-                                           for mb in micro_batches(batch, all_rows, args.micro_batch)])
+        if old_logp_first:  # the policy that sampled, recomputed by the trainer
+            batch["old_logp"] = per_micro_batch(lambda mb: ppo.response_logprobs(policy, mb, args.temperature,
+                                                                                  autocast), batch)
         if ref is not None:
-            batch["ref_logp"] = torch.cat([ppo.response_logprobs(ref, mb, args.temperature, autocast)
-                                           for mb in micro_batches(batch, all_rows, args.micro_batch)])
+            batch["ref_logp"] = per_micro_batch(lambda mb: ppo.response_logprobs(ref, mb, args.temperature,
+                                                                               autocast), batch)
+        if critic is not None:
+            batch["values"] = per_micro_batch(values, batch)
         score_t = torch.tensor(scores, dtype=torch.float32, device=device)
-        if args.algo == "grpo":
-            adv, n_flat = grpo.group_advantages(score_t, G, scale_std=not args.no_std_scale)
-            batch["advantages"] = adv.unsqueeze(1).expand_as(mask).contiguous()
-        else:
-            tc = time.time()
-            with autocast:
-                batch["values"] = torch.cat([ppo.critic_values(critic, mb["input_ids"], mb["attention_mask"], P,
-                                                               mb["position_ids"])
-                                             for mb in micro_batches(batch, all_rows, args.micro_batch)])
-            time_critic = time.time() - tc
-            # TinyZero's PPO: the KL penalty (k1) is part of the per-token reward, not of the loss
-            kl = ppo.kl_penalty(batch["old_logp"], batch["ref_logp"], "k1") if ref is not None else None
-            rollout_kl = ppo.masked_mean(kl, mask).item() if kl is not None else None
-            rew = ppo.token_rewards(score_t, mask, kl, kl_coef)
-            adv, batch["returns"] = ppo.gae(rew, batch["values"], mask, args.gamma, args.lam)
-            # whiten over the whole batch (all ranks), as TinyZero does on its single controller
-            w = allreduce_sums({"n": mask.sum().item(), "s": (adv * mask).sum().item(),
-                                "q": (adv ** 2 * mask).sum().item()})
-            mean = w["s"] / w["n"]
-            var = (w["q"] - w["n"] * mean ** 2) / max(w["n"] - 1, 1)  # unbiased, as ppo.masked_whiten
-            batch["advantages"] = (adv - mean) * (var + 1e-8) ** -0.5 * mask
-            n_flat = 0
+        algo_stats = algo.advantages(batch, score_t, args, kl_coef=kl_coef)
     t2 = time.time()
-    # 3. update: epochs x mini-batches x micro-batches (gradient accumulation) --------------------------------
-    n_local = len(samples)
-    per_mini = mini // world * G  # sequences of one mini-batch on this rank
-    stats_sum, n_updates, one_pass_logp = {}, 0, []
-
-    def add(k, v, w=1.0):
-        stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * w
-
-    for epoch in range(args.epochs_per_batch):
-        perm = torch.randperm(n_local) if args.epochs_per_batch > 1 or per_mini < n_local else all_rows
-        for start in range(0, n_local, per_mini):
-            rows_idx = perm[start:start + per_mini]
-            # Every micro-batch's loss is its share of the loss of the whole mini-batch over all ranks: the
-            # divisor is the mini-batch's, summed over ranks, over world, since FSDP averages the gradients.
-            local = {"token-mean": mask[rows_idx].sum().item(), "seq-mean": len(rows_idx),
-                     "token-sum": len(rows_idx) * args.max_response_len}[args.loss_agg]
-            denom = allreduce_sums({"d": local})["d"] / world
-            mbs = list(micro_batches(batch, rows_idx, args.micro_batch))
-            for j, mb in enumerate(mbs):
-                last = j == len(mbs) - 1
-                w = len(mb["mask"]) / len(rows_idx)
-                policy.set_requires_gradient_sync(last)  # reduce-scatter once per mini-batch, not per micro
-                logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True)
-                if one_pass:  # micro-batches come in order: they fill old_logp row by row
-                    mb["old_logp"] = logp.detach()
-                    one_pass_logp.append(mb["old_logp"])
-                if args.algo == "grpo":
-                    loss, st = grpo.grpo_loss(logp, mb["old_logp"], mb.get("ref_logp"), mb["advantages"],
-                                              mb["mask"], args.clip_low, args.clip_high, kl_coef,
-                                              args.kl_estimator, args.loss_agg, args.max_response_len, denom)
-                else:
-                    loss, st = ppo.policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], args.clip_low,
-                                               args.clip_high, args.loss_agg, args.max_response_len, denom)
-                if args.entropy_coef:  # a bonus: maximising entropy keeps exploration alive
-                    loss = loss - args.entropy_coef * ppo.aggregate(ent, mb["mask"], args.loss_agg,
-                                                                    args.max_response_len, denom)
-                loss.backward()
-                add("loss", loss.item())
-                add("entropy", ppo.masked_mean(ent.detach(), mb["mask"]), w)
-                for k, v in st.items():
-                    add(k, v, w)
-                if critic:
-                    tc = time.time()
-                    critic.set_requires_gradient_sync(last)
-                    with autocast:
-                        values = ppo.critic_values(critic, mb["input_ids"], mb["attention_mask"], P,
-                                                   mb["position_ids"])
-                    vloss, vst = ppo.value_loss(values, mb["values"], mb["returns"], mb["mask"], args.value_clip,
-                                                args.loss_agg, denom)
-                    vloss.backward()
-                    add("value_loss", vloss.item())
-                    add("vf_clip_frac", vst["vf_clip_frac"], w)
-                    time_critic += time.time() - tc
-            for model, optim, name in ((policy, opt, "grad_norm"), (critic, critic_opt, "critic_grad_norm")):
-                if model is None:
-                    continue
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-                add(name, gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-                optim.step()
-                optim.zero_grad(set_to_none=True)
-            n_updates += 1
-    sched.step()
-    if critic:
-        critic_sched.step()
-    if one_pass:
-        batch["old_logp"] = torch.cat(one_pass_logp)
-    diff = (batch["sampler_logp"] - batch["old_logp"]).abs() * batch["valid"]
+    # 3. update: the algorithm's loss, epochs x mini-batches x micro-batches ------------------------------------
+    update_stats, gap_max, gap_sum = update(batch)
     t3 = time.time()
-    # 4. weight sync -----------------------------------------------------------------------------------------
-    rollout.sync_weights(engine, policy)
+    # 4. weight sync: the engine samples the next batch with the new weights ---------------------------------
+    skipped_steps = skipped_steps + 1 if update_stats["skipped_updates"] == updates_per_step else 0
+    if not skipped_steps:  # a step whose updates were all skipped left the weights as they were
+        rollout.sync_weights(engine, policy)
     t4 = time.time()
-    # 5. metrics, validation, checkpoint --------------------------------------------------------------------
-    lens = [len(s["token_ids"]) for s in samples]
-    s = allreduce_sums({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
-                        "len": sum(lens), "trunc": sum(x["truncated"] for x in samples), "flat": n_flat,
-                        "diff_sum": diff.sum().item(), "diff_n": batch["valid"].sum().item(),
-                        **{k: v / n_updates for k, v in stats_sum.items()},
-                        **({"v_sum": (batch["values"] * mask).sum().item(), "v_n": mask.sum().item(),
-                            "ev": ppo.explained_variance(batch["values"], batch["returns"], mask)} if critic else {}),
-                        **({"kl": rollout_kl} if critic and rollout_kl is not None else {})})
+    # 5. metrics, validation, checkpoint: sums over ranks, then means ------------------------------------------
     # peak memory of a rank: the accelerator's on GPU, the process's resident set on CPU
     mem = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    diff_max, mem_peak = allreduce_max([diff.max().item(), mem / 2**30])
-    m.update({"step": step + 1, "reward_mean": s["reward"] / s["n"], "acc": s["acc"] / s["n"],
-              "response_len": s["len"] / s["n"], "truncated_frac": s["trunc"] / s["n"],
-              "flat_group_frac": s["flat"] / (args.batch_prompts),
-              "logprob_diff_max": diff_max, "mem_peak_gib": mem_peak, "logprob_diff_mean": s["diff_sum"] / max(s["diff_n"], 1),
-              **{k: s[k] / world for k in stats_sum if k in s}, **({"kl": s["kl"] / world} if "kl" in s else {}),
-              "lr": sched.get_last_lr()[0],
-              "time_generate": t1 - t0 - time_reward, "time_reward": time_reward, "time_logprob": t2 - t1, "time_update": t3 - t2, "time_sync": t4 - t3})
-    if critic:
-        m.update({"value_mean": s["v_sum"] / max(s["v_n"], 1), "explained_var": s["ev"] / world,  # mean of ranks'
-                  "kl_coef": kl_coef,
-                  "time_critic": time_critic})
-        if args.kl_ctrl == "adaptive" and "kl" in m:
-            kl_coef = ppo.update_kl_coef(kl_coef, m["kl"], args.kl_target, args.kl_horizon, args.batch_prompts * G)
+    tot = allreduce({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
+                     "len": sum(len(x["token_ids"]) for x in samples), "trunc": sum(x["truncated"] for x in samples),
+                     "gap_sum": gap_sum, "gap_n": batch["valid"].sum().item(), **algo_stats, **update_stats})
+    peak = allreduce({"logprob_diff_max": gap_max, "mem_peak_gib": mem / 2**30}, op=dist.ReduceOp.MAX)
+    n = tot["n"]
+    m = {"step": step + 1, "reward_mean": tot["reward"] / n, "acc": tot["acc"] / n, "response_len": tot["len"] / n,
+         "truncated_frac": tot["trunc"] / n, **peak, "logprob_diff_mean": tot["gap_sum"] / max(tot["gap_n"], 1),
+         **{k: tot[k] / world for k in (*algo_stats, *update_stats)},  # means of the ranks' means
+         "lr": trained[0][2].get_last_lr()[0], "time_generate": t1 - t0 - time_reward, "time_reward": time_reward,
+         "time_logprob": t2 - t1, "time_update": t3 - t2, "time_sync": t4 - t3}
+    if args.kl_ctrl == "adaptive" and "kl" in m:
+        kl_coef = ppo.update_kl_coef(kl_coef, m["kl"], args.kl_target, args.kl_horizon,
+                                     args.batch_prompts * args.group_size)
     if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
         m.update(validate(step + 1))
+    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['acc']:.2f}")
+    log(m)  # before the checkpoint: a kill between the two redoes this step on resume, and trim_log drops its line
+    if skipped_steps >= args.max_skipped_steps:
+        die(f"{skipped_steps} steps in a row (to step {step + 1}) had a non-finite loss or gradient norm on every "
+            "update, and were skipped; the weights and checkpoints are intact: lower --lr, or resume")
     if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
         save_checkpoint(step + 1)
-    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['acc']:.2f}")
-    log(m)
-if master and os.path.exists(metrics_path) and plot_curves(metrics_path, os.path.join(args.out, "curves.png")):
+if master and checkpoint.plot_curves(metrics_path, os.path.join(args.out, "curves.png"),
+                                     [f"val_greedy_{k}" for k in aha.KEYS]):
     print(f"curves: {os.path.join(args.out, 'curves.png')}")
 rollout.close(engine)
 if dist.is_initialized():

@@ -217,6 +217,47 @@ def test_bad_rows_name_file_row_and_problem(tmp_path):
         data.find_split(tmp_path, 'valid')
 
 
+def one_line_error(kind, fn, *args, match):
+    """fn(*args) raises `kind` with a one-line message that matches `match`: what train.py prints, no traceback."""
+    with pytest.raises(kind, match=match) as e:
+        fn(*args)
+    assert "\n" not in str(e.value), str(e.value)
+
+
+def test_bad_files_give_one_line_naming_file_and_line(tmp_path, monkeypatch):
+    pa, pq = pytest.importorskip('pyarrow'), pytest.importorskip('pyarrow.parquet')
+    good = json.dumps(data.countdown_row({'target': 98, 'numbers': [44, 19, 35]}, 'base', 'train', 0)) + '\n'
+    # empty files: no lines, blank lines only, zero bytes (jsonl or parquet), a parquet table with no rows
+    (tmp_path / 'blank.jsonl').write_text('\n  \n\n')
+    (tmp_path / 'zero.jsonl').write_bytes(b'')
+    (tmp_path / 'zero.parquet').write_bytes(b'')
+    pq.write_table(pa.table({'target': pa.array([], pa.int64())}), tmp_path / 'norows.parquet')
+    data.write_rows([], tmp_path / 'written.parquet')
+    for name in ['blank.jsonl', 'zero.jsonl', 'zero.parquet', 'norows.parquet', 'written.parquet']:
+        one_line_error(ValueError, data.load_rows, tmp_path / name, match=re.escape(f"{tmp_path / name}: no rows"))
+    one_line_error(FileNotFoundError, data.load_rows, tmp_path / 'gone.jsonl', match=r"gone\.jsonl: no such file")
+    # both formats of one split: which one to train on would be a guess
+    (tmp_path / 'train.jsonl').write_text(good)
+    data.write_rows(data.load_rows(tmp_path / 'train.jsonl'), tmp_path / 'train.parquet')
+    one_line_error(ValueError, data.find_split, tmp_path, 'train', match=r"train\.jsonl and .*train\.parquet.*keep one")
+    # JSON nested 10^5 deep (json.loads raises RecursionError), and a line over the length cap
+    path = tmp_path / 'test.jsonl'
+    path.write_text(good + '[' * 10**5 + ']' * 10**5 + '\n')
+    one_line_error(ValueError, data.load_rows, path, match=r"test\.jsonl: line 2: invalid JSON: nested too deeply")
+    monkeypatch.setattr(data, 'MAX_LINE', len(good) + 10)  # line 3 is valid JSON, but 10 bytes over the cap
+    path.write_text('\n' + good + good[:-2] + ' ' * 20 + '}\n' + good)
+    one_line_error(ValueError, data.load_rows, path, match=rf"test\.jsonl: line 3: longer than {data.MAX_LINE:,} bytes")
+    monkeypatch.undo()
+    # a byte that is not UTF-8 on line 3 (line numbers count blank lines), at byte 23: {"data_source": "count\xff
+    path.write_bytes(good.encode() + b'\n' + good.encode().replace(b'countdown', b'count\xffdown', 1))
+    one_line_error(ValueError, data.load_rows, path, match=r"test\.jsonl: line 3: invalid UTF-8 at byte 23")
+    # not parquet at all, and a good parquet file cut short
+    bad = tmp_path / 'bad.parquet'
+    for content in [b'not a parquet file\n' * 10, (tmp_path / 'train.parquet').read_bytes()[:-100]]:
+        bad.write_bytes(content)
+        one_line_error(ValueError, data.load_rows, bad, match=r"bad\.parquet: not a readable parquet file: ")
+
+
 def test_cli(tmp_path, capsys):
     out = tmp_path / 'cd'
     data.main(['countdown', '--out', str(out), '--train', '60', '--test', '12', '--seed', '3',
@@ -234,6 +275,11 @@ def test_cli(tmp_path, capsys):
         with pytest.raises(SystemExit):
             data.main(argv)
         assert msg in capsys.readouterr().err
+    (tmp_path / 'file').write_text('')  # --out names a file, not a folder
+    with pytest.raises(SystemExit):
+        data.main(['multiply', '--out', str(tmp_path / 'file'), '--train', '3', '--test', '1'])
+    err = capsys.readouterr().err.split('\n')  # after the progress bars: one line, naming the path
+    assert err[-2].startswith('data.py: error: ') and str(tmp_path / 'file') in err[-2] and err[-1] == ''
 
 
 def test_doctests():

@@ -347,6 +347,7 @@ def test_masked_whiten_and_mean_by_hand():
     assert close(ppo.masked_mean(x, mask), 2.5)
     assert close(ppo.masked_mean(x, mask, dim=-1), t([2.0, 4.0]))
     assert ppo.masked_mean(x, torch.zeros_like(mask)) == 0  # empty mask: 0, not nan
+    assert (ppo.masked_whiten(x, torch.zeros_like(mask)) == 0).all()  # no valid token (all masked): 0, no crash
 
 
 def test_value_loss_clipping_by_hand():
@@ -388,6 +389,10 @@ def test_explained_variance_by_hand():
     assert ppo.explained_variance(val, ret, mask) == pytest.approx(0.85)
     assert ppo.explained_variance(ret, ret, mask) == pytest.approx(1.0)
     assert math.isnan(ppo.explained_variance(val, torch.ones(3, 2), mask))  # Var[R] = 0: undefined
+    # seven equal returns of 0.3: their float32 mean is not exactly 0.3, so Var[R] is rounding noise (8.9e-16),
+    # not 0, and 1 - Var[R - V] / noise would read -4.5e15 for values 0..6 (Var[V] = 4). Undefined too.
+    ones = torch.ones(1, 7)
+    assert math.isnan(ppo.explained_variance(torch.arange(7.0)[None], torch.full((1, 7), 0.3), ones))
 
 
 def test_entropy_from_logits_by_hand():

@@ -121,7 +121,7 @@ def assert_same_metrics(a, b, what):
     assert keys == b_keys, f"{what}, step {a['step']}: keys differ: {sorted(keys ^ b_keys)}"
     for k in sorted(keys):
         x, y = a[k], b[k]
-        same = (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7)
+        same = x == y if None in (x, y) else math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7)  # None: nan, inf
         assert same, f"{what}, step {a['step']}: {k} {x!r} (uninterrupted) != {y!r} (resumed)"
 
 
