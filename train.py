@@ -573,5 +573,6 @@ if master and checkpoint.plot_curves(metrics_path, os.path.join(args.out, "curve
                                      [f"val_greedy_{k}" for k in aha.KEYS]):
     print(f"curves: {os.path.join(args.out, 'curves.png')}")
 rollout.close(engine)
-if dist.is_initialized():
+if dist.is_initialized():  # vLLM's shutdown may already have destroyed the group it shares
+    dist.barrier()  # no rank tears gloo down while its peer still talks to it (a rare abort at exit)
     dist.destroy_process_group()

@@ -130,6 +130,7 @@ def main():
         print("SYNC_RESULT " + json.dumps({"kind": kind, "ok": ok, **res}), flush=True)
     rollout.close(engine)
     if dist.is_initialized():  # vLLM's shutdown may already have destroyed the group it shares
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it (a rare abort at exit)
         dist.destroy_process_group()
     sys.exit(0 if ok else 1)
 
