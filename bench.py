@@ -7,15 +7,15 @@ interleaved and repeated: on a shared machine, read the ratios more than the abs
     python bench.py step      # train.py steps under torchrun (GRPO and PPO), split into phases
     python bench.py step --model qwen2.5-0.5b --rollout hf --dtype bfloat16 --nproc 1 --algo grpo   # on a GPU
 
---model: tiny (0.6M, the built-in base's shape, random), medium (32M: hidden 512, 8 layers, MLP 2048), qwen2.5-0.5b (random init in
-Qwen2.5-0.5B's shape, 494M) or a transformers folder; comma-separated for several. Built models are cached in
-runs/bench/models, train.py runs go to runs/bench/step_*. --json: one JSON object on the last line.
+--model: tiny (0.6M: the built-in base's shape, random), medium (32M: hidden 512, 8 layers, MLP 2048),
+qwen2.5-0.5b (random init in the shape of Qwen2.5-0.5B, 494M) or a transformers folder; comma-separated.
+Built models are cached in runs/bench/models, train.py runs go to runs/bench/step_*. --json: one JSON object on
+the last line.
 One OpenMP thread per process unless OMP_NUM_THREADS says otherwise: 2 ranks on 2 cores, as train.py runs.
 """
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +26,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engin
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO and WARNING lines would bury the tables
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
 
@@ -92,17 +93,11 @@ def matmul_peak(dtype, device):
     return best
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc, script_args, log_path, timeout):
     """script_args under torchrun on a free port, output to log_path (vLLM is verbose); the log's text."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), *map(str, script_args)]
+           "127.0.0.1", "--master_port", str(cli.free_port()), *map(str, script_args)]
     with open(log_path, "w") as f:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
     log = open(log_path).read()
@@ -126,7 +121,7 @@ def bench_rollout(a, device):
     """rollout.generate with vLLM and with transformers generate: same model, prompts, sampling settings."""
     import rollout
     from transformers import AutoTokenizer
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cli.world_of_one()
     torch.distributed.init_process_group("gloo")  # a world of one: vLLM's engine comes after it (docs/benchmarks.md)
     res = {}
     for name in a.models:
@@ -302,8 +297,7 @@ def bench_step(a, device):
 
 
 def main():
-    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     add = p.add_argument
     add("what", choices=["rollout", "sync", "train", "step", "_sync"], help="what to measure (_sync: sync's worker)")
     add("--model", default="", help="comma-separated tiny, medium, qwen2.5-0.5b or model folders; default: "

@@ -7,7 +7,8 @@
   resumed from: resume falls back to the newest whole one.
 - OUT/metrics.jsonl has one line per step, written before that step's checkpoint; on resume the lines past the
   checkpoint are dropped, so the log always agrees with the checkpoints.
-Nothing here knows about FSDP or process groups: train.py gathers the state dicts and calls these on rank 0.
+save_training() and load_training() are collective (every rank calls them: FSDP2 gathers each full state dict
+to rank 0); everything else is plain files, called on rank 0.
 """
 import ctypes
 import fcntl
@@ -26,6 +27,9 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
 MANIFEST = "manifest.json"
 
@@ -196,6 +200,57 @@ def prune(root, keep):
     return gone
 
 
+def save_training(final_dir, trained, tokenizer, state, info):
+    """Collective: a checkpoint of the training at final_dir, written whole or not at all (save()): the policy as
+    a transformers folder (model.safetensors, config, tokenizer), optimizer.pt, trainer_state.pt (`state`, each
+    schedule, every rank's RNG), and for PPO the critic in critic/ with critic_optimizer.pt. trained: train.py's
+    [(model, optimizer, schedule, name)], the policy first. info goes to the manifest (the run's flags).
+    Writes nothing and returns False when any rank holds a weight that is not finite; True once written."""
+    bad = sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()  # this rank's shards
+              for model, *_ in trained for p in model.parameters())
+    bad = torch.tensor(float(bad), device=next(trained[0][0].parameters()).device)
+    dist.all_reduce(bad)
+    if bad.item():
+        return False
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only, in CPU memory
+    saved = [(get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optim, options=full))
+             for model, optim, *_ in trained]
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng_state())
+
+    def write(tmp):
+        for (sd, osd), (model, *_), (folder, name) in zip(saved, trained, _places(tmp)):
+            model.save_pretrained(folder, state_dict=sd)
+            torch.save(osd, os.path.join(tmp, name))
+        tokenizer.save_pretrained(tmp)
+        torch.save({**state, "schedulers": [sched.state_dict() for model, optim, sched, name in trained],
+                    "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
+
+    if dist.get_rank() == 0:
+        save(final_dir, write, info)
+    dist.barrier()  # the checkpoint exists for every rank once this returns
+    return True
+
+
+def load_training(ckpt_dir, trained):
+    """Collective: load what save_training wrote into the optimizers and schedules of `trained` (the models were
+    built from the checkpoint's folders) and restore this rank's RNG. Returns the saved `state`. weights_only:
+    a checkpoint is data, never code that runs when it is loaded."""
+    for (model, optim, sched, name), (_, file) in zip(trained, _places(ckpt_dir)):
+        osd = torch.load(os.path.join(ckpt_dir, file), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, optim, osd, options=StateDictOptions(full_state_dict=True))
+    state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=True)
+    for (model, optim, sched, name), sd in zip(trained, state["schedulers"]):
+        sched.load_state_dict(sd)
+    set_rng_state(state["rng"][dist.get_rank()])
+    return state
+
+
+def _places(root):
+    """Where the policy's and the critic's weights and optimizer states go in a checkpoint."""
+    return [(root, "optimizer.pt"), (os.path.join(root, "critic"), "critic_optimizer.pt")]
+
+
 def rng_state():
     """The torch (and CUDA, when there is one), numpy and python `random` states as tensors and plain Python
     values, so that torch.load(path, weights_only=True) can load them."""
@@ -275,15 +330,30 @@ def claim(out_dir, args, run_defining):
     return None, found, info["step"]
 
 
-def append_line(path, metrics):
-    """Append one JSON line to metrics.jsonl (non-finite floats as null, so the line stays valid JSON); flushed
-    to disk before returning, since the step's checkpoint comes after it. Returns what was written."""
+def log(path, metrics, wandb=None):
+    """One step's metrics: a line on stdout (through tqdm, under its bar), a JSON line appended to metrics.jsonl
+    (non-finite floats as null, so it stays valid JSON; fsynced before returning, since the step's checkpoint
+    comes after it), and wandb when a run was started."""
+    from tqdm import tqdm
+    tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
     with open(path, "a") as f:
         f.write(json.dumps(metrics) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    return metrics
+    if wandb:
+        wandb.log(metrics, step=metrics["step"])
+
+
+def start_wandb(project, config):
+    """wandb (the module, its run started) when it is installed, else None with a note: it is optional."""
+    try:
+        import wandb
+    except ImportError:
+        print(f"--wandb {project}: wandb is not installed; logging to metrics.jsonl only")
+        return None
+    wandb.init(project=project, config=config, resume="allow")
+    return wandb
 
 
 def plot_curves(metrics_path, png_path, extra_keys=()):

@@ -24,6 +24,8 @@ import random
 import time
 from numbers import Integral
 
+import countdown
+
 CHUNK = 2048  # tasks per generator chunk; each chunk has its own seed, so output does not depend on workers
 MAX_FAILED_DRAWS = 20_000  # consecutive useless draws before a generator gives up on its options
 MAX_LINE = 1 << 20  # bytes: a longer jsonl line is refused unparsed (a row is ~1 KB)
@@ -64,85 +66,7 @@ MULTIPLY_PROMPTS = {
             "tags. And return only the final number in <answer> </answer> tags, for example <answer> 42 </answer>.",
 }
 PROMPTS = {"countdown": COUNTDOWN_PROMPTS, "multiply": MULTIPLY_PROMPTS}  # task -> template name -> text
-TASKS, TEMPLATES, MULTIPLY_TEMPLATES = tuple(PROMPTS), tuple(COUNTDOWN_PROMPTS), tuple(MULTIPLY_PROMPTS)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Countdown: a brute-force solver over all ways to combine the numbers
-
-def _combine(xs, ys):
-    """All values x op y (either order) for x in xs, y in ys with integer steps. Values stay >= 0: any
-    expression with negative steps has a mirror image with the signs pushed out, so nothing is lost."""
-    out = set()
-    for x in xs:  # list comprehensions per operator: ~3x faster than one Python loop over (x, y) pairs
-        out.update([x + y for y in ys])
-        out.update([x * y for y in ys])
-        out.update([x - y if x >= y else y - x for y in ys])
-        if x:
-            out.update([y // x for y in ys if y % x == 0])
-        out.update([x // y for y in ys if y and x % y == 0])
-    return out
-
-
-def solve_all(numbers):
-    """Reachable values of every subset of `numbers`: {bitmask: set}. The full mask is (1 << len) - 1.
-
-    Subset dynamic programming: a subset's values combine the values of each split into two halves, which
-    covers every expression tree (((a b) c) d), ((a b) (c d)), ... once per split.
-    """
-    vals = {1 << i: {v} for i, v in enumerate(numbers)}
-    for mask in range(1, 1 << len(numbers)):
-        if mask in vals:
-            continue
-        s, sub = set(), (mask - 1) & mask
-        while sub:  # enumerate the proper non-empty subsets of mask
-            if sub < mask ^ sub:  # each unordered split once
-                s |= _combine(vals[sub], vals[mask ^ sub])
-            sub = (sub - 1) & mask
-        vals[mask] = s
-    return vals
-
-
-def _expression(vals, numbers, mask, target):
-    """One expression over the numbers in `mask` that equals `target`, walking back through solve_all()."""
-    if mask & (mask - 1) == 0:
-        return str(numbers[mask.bit_length() - 1])
-    sub = (mask - 1) & mask
-    while sub:
-        other = mask ^ sub
-        ys = vals[other]
-        for x in vals[sub]:
-            # (y, op, y first?) for each way x op y or y op x can equal target, with y from the other half
-            cands = [(target - x, "+", False), (x - target, "-", False), (x + target, "-", True)]
-            if x:
-                cands.append((target * x, "/", True))  # y / x
-                if target % x == 0:
-                    cands.append((target // x, "*", False))
-                if target and x % target == 0:
-                    cands.append((x // target, "/", False))  # x / y
-            elif target == 0:
-                cands.append((next(iter(ys)), "*", False))  # 0 * anything
-            for y, op, y_first in cands:
-                if y in ys:
-                    a, b = _expression(vals, numbers, sub, x), _expression(vals, numbers, other, y)
-                    a = a if sub & (sub - 1) == 0 else f"({a})"  # parenthesise compound operands
-                    b = b if other & (other - 1) == 0 else f"({b})"
-                    return f"{b} {op} {a}" if y_first else f"{a} {op} {b}"
-        sub = (sub - 1) & mask
-    raise ValueError(f"{target} is not reachable from {numbers}")
-
-
-def solve(numbers, target):
-    """A solution for `target` from `numbers` (each used once, integer steps), or None.
-
-    >>> solve([44, 19, 35], 98)
-    '(35 + 19) + 44'
-    >>> solve([8, 3, 8, 3], 24) is None  # 8 / (3 - 8 / 3) needs a fraction on the way
-    True
-    """
-    vals = solve_all(numbers)
-    full = (1 << len(numbers)) - 1
-    return _expression(vals, numbers, full, target) if target in vals[full] else None
+TASKS = tuple(PROMPTS)
 
 
 def task_key(task):
@@ -160,7 +84,7 @@ def _countdown_chunk(args):
     tasks, failed = [], 0
     while len(tasks) < n:
         numbers = [rng.randint(*num_range) for _ in range(rng.choice(num_counts))]
-        vals = solve_all(numbers)
+        vals = countdown.solve_all(numbers)
         full = (1 << len(numbers)) - 1
         # Draw the target among the reachable ones in range: every draw of numbers with any is kept.
         targets = sorted(v for v in vals[full] if lo <= v <= hi)
@@ -174,7 +98,8 @@ def _countdown_chunk(args):
             continue
         failed = 0
         target = rng.choice(targets)
-        tasks.append({"target": target, "numbers": numbers, "solution": _expression(vals, numbers, full, target)})
+        solution = countdown.expression(vals, numbers, full, target)
+        tasks.append({"target": target, "numbers": numbers, "solution": solution})
     return tasks
 
 
@@ -294,6 +219,22 @@ def prompt_text(row, tokenizer=None):
     return "".join(m["content"] for m in row["prompt"])
 
 
+def encode_prompts(rows, tokenizer, max_len, drop_long=False, split="train", chunk=4096):
+    """Token ids of each row's prompt (prompt_text, no special tokens added), tokenized chunk by chunk and kept as
+    int32 arrays: ~4 bytes a token where a Python list costs ~8-36. Prompts longer than max_len raise ValueError
+    (how many, the longest) or, with drop_long, are dropped. Returns (rows kept, their ids, how many dropped)."""
+    import numpy as np
+    ids = []
+    for start in range(0, len(rows), chunk):
+        texts = [prompt_text(r, tokenizer) for r in rows[start:start + chunk]]
+        ids += [np.array(x, dtype=np.int32) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    long = {i for i, x in enumerate(ids) if len(x) > max_len}
+    _need(not long or drop_long, f"{len(long)} of {len(rows)} {split} prompts are longer than --max-prompt-len "
+          f"{max_len} (longest {max(len(ids[i]) for i in long or [0])} tokens); raise it or pass --long-prompts drop")
+    keep = [i for i in range(len(rows)) if i not in long]
+    return [rows[i] for i in keep], [ids[i] for i in keep], len(long)
+
+
 def make_splits(task, n_train, n_test, seed, template="base", workers=1, progress=False, **options):
     """(train_rows, test_rows) that never share a task: test is drawn first, train excludes its tasks.
     options go to make_countdown / make_multiply (num_counts, num_range, target_range | digits, exact)."""
@@ -341,7 +282,8 @@ def _seq(x, what):
 
 
 def _check(row):
-    """check_row() without the location; messages are built only on failure (this runs for every row)."""
+    """Validate one row and return it normalised (plain ints and lists); ValueError names the field. Messages are
+    built only on failure (this runs for every row); _check_all adds the file and the line or row."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
     source = row.get("data_source")
@@ -384,14 +326,6 @@ def _check(row):
     return {"data_source": source, "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
             "ability": ability, "reward_model": {"style": reward.get("style") or "rule", "ground_truth": truth},
             "extra_info": extra}
-
-
-def check_row(row, where="row"):
-    """Validate one row and return it normalised (plain ints and lists); raise ValueError(f'{where}: ...')."""
-    try:
-        return _check(row)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
 
 
 def _check_all(path, unit, records, parse=None):
@@ -527,6 +461,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # bad options, an --out that cannot be written
         p.exit(2, f"data.py: error: {e}\n")
     print(f"done in {time.time() - t0:.1f} s")
+
 
 if __name__ == "__main__":
     main()

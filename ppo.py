@@ -8,7 +8,7 @@ no GPU sync happens here).
 
 One PPO step, as train.py drives it (TinyZero's defaults in brackets); the last two functions of this file,
 advantages() and loss(), are the whole of PPO that train.py sees:
-    values  = critic_values(critic, ids, attn, n_prompt)                  # V(s_t), before token t (train.py)
+    values  = critic_values(critic, batch)                                # V(s_t), before token t (train.py)
     advantages(batch, scores, ...):
       kl      = kl_penalty(old_logp, ref_logp, 'k1')                      # KL lives in the reward [k1]
       rewards = token_rewards(scores, mask, kl, kl_coef)                  # [kl_coef 0.001, fixed]
@@ -237,20 +237,21 @@ def response_logprobs(model, batch, temperature, autocast=contextlib.nullcontext
     return (logp, entropy_from_logits(logits)) if with_entropy else logp
 
 
-def critic_values(critic, input_ids, attention_mask, n_prompt, position_ids=None):
-    """Values [B, T] (float32) aligned with the response tokens.
+def critic_values(critic, batch, autocast=contextlib.nullcontext()):
+    """Values [B, T] (float32) aligned with the response tokens; batch as for response_logprobs.
 
-    input_ids, attention_mask: [B, P + T], prompts (left-padded) in the first P = n_prompt columns, the
-    response in the last T. The critic's output at position i has seen tokens 0..i, so the value of response
-    token t (at absolute position P + t) is the output at P - 1 + t: the state BEFORE the token is emitted.
-    That is the same shift as the log-probs (logits at i predict token i + 1), so values[:, t], logp[:, t]
-    and mask[:, t] all refer to response token t.
-    position_ids default to cumsum(attention_mask) - 1, so a left-padded prompt gets the positions it had
-    when sampled unpadded; train.py must compute the policy's log-probs with the same position_ids.
+    input_ids, attention_mask: [B, P + T], prompts (left-padded) in the first P columns, the response
+    (response_ids [B, T]) in the last T. The critic's output at position i has seen tokens 0..i, so the value
+    of response token t (at absolute position P + t) is the output at P - 1 + t: the state BEFORE the token is
+    emitted. That is the same shift as the log-probs (logits at i predict token i + 1), so values[:, t],
+    logp[:, t] and mask[:, t] all refer to response token t. position_ids default to cumsum(attention_mask) - 1,
+    so a left-padded prompt gets the positions it had when sampled unpadded (train.py's batches carry them).
     """
-    if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    ids, attn, pos = batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+    n_prompt = ids.shape[1] - batch["response_ids"].shape[1]
+    with autocast:
+        out = critic(input_ids=ids, attention_mask=attn, use_cache=False,
+                     position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0) if pos is None else pos)
     return out.logits[:, n_prompt - 1 : -1, 0].float()
 
 

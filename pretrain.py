@@ -44,6 +44,7 @@ import time
 import torch
 
 import aha
+import cli
 import data
 import rewards
 
@@ -221,12 +222,8 @@ def evaluate(model, tok, rows, max_new_tokens, batch=128):
     return out, samples
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     a = p.add_argument
     a("--out", required=True, help="folder to write the model to (written to OUT.tmp, then renamed)")
     a("--seed", type=int, default=0, help="seed of the initialisation and the corpus")

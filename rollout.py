@@ -15,8 +15,11 @@ loss); truncated is True when the response hit max_tokens without EOS. logprobs 
 tokens under softmax(logits / temperature), the same quantity train.py recomputes.
 """
 import os
+import time
 
 import torch
+
+import rewards
 
 
 def make_engine(kind, model_path, *, dtype, device, max_model_len, seed, tp=1, kv_cache_gib=0.25,
@@ -61,6 +64,18 @@ def generate(engine, prompts, *, n, temperature, top_p, max_tokens, seed, eos_to
         return _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed)
     return _generate_hf(engine["model"], prompts, n, temperature, top_p, max_tokens, seed,
                         eos_token_id, pad_token_id)
+
+
+def sample_and_score(engine, tokenizer, rows, prompts, *, n, temperature, top_p, max_tokens, seed):
+    """A rollout with its rewards: generate() n responses per prompt, decode them, score each against its row
+    (rewards.score). Returns (samples, texts, scores, seconds spent decoding and scoring)."""
+    eos = tokenizer.eos_token_id
+    samples = generate(engine, prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                       eos_token_id=eos, pad_token_id=eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
+    t = time.time()
+    texts = tokenizer.batch_decode([s["token_ids"] for s in samples], skip_special_tokens=True)
+    scores = [rewards.score(rows[k // n], text) for k, text in enumerate(texts)]
+    return samples, texts, scores, time.time() - t
 
 
 def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed):

@@ -20,18 +20,17 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import aha
 import checkpoint
+import cli
 import data
+import evaluate
 import grpo
 import ppo
 import pretrain
-import rewards
 import rollout
 
 def die(msg):
@@ -43,35 +42,18 @@ def die(msg):
     sys.exit(2)
 
 
-def number(kind, lo=-math.inf, hi=math.inf, above=False, auto=False):
-    """An argparse type: kind(text) in [lo, hi] (lo < x with above), or "auto" where auto is allowed."""
-    def parse(text):
-        if auto and text == "auto":
-            return text
-        x = kind(text)
-        if x > hi or (x <= lo if above else x < lo):
-            raise argparse.ArgumentTypeError(f"{text}: must be {'>' if above else '>='} {lo:g}" +
-                                              (f" and <= {hi:g}" if hi < math.inf else "") + (" (or auto)" * auto))
-        return x
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
-    return parse
-
-
 # ----------------------------------------------------------------------------------------------------------
 # flags: every one has a default that runs on a laptop CPU. "auto" picks per model: our small models (the
 # built-in base, tiny) take the CPU values measured for the built-in base (README), any other TinyZero's.
 SMALL = dict(lr=1.5e-4, critic_lr=1e-4, kl_coef=0.1)
 TINYZERO = dict(lr=1e-6, critic_lr=1e-5, kl_coef=1e-3)
 RUN_DEFINING = ("algo", "model", "data", "seed", "batch_prompts", "group_size")  # --resume refuses changes
-POSITIVE, COUNT, SHARE = number(int, 1), number(int, 0), number(float, 0, 1, above=True)
-RATE, COEF = number(float, 0, above=True, auto=True), number(float, 0)
+POSITIVE, COUNT, SHARE = cli.number(int, 1), cli.number(int, 0), cli.number(float, 0, 1, above=True)
+RATE, COEF, UNIT = cli.number(float, 0, above=True, auto=True), cli.number(float, 0), cli.number(float, 0, 1)
+ABOVE_0 = cli.number(float, 0, above=True)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 p.error = die  # argparse's own errors too: one line, no usage screen
 g = p.add_argument_group("model and data")
 g.add_argument("--model", default="assets/countdown-base", help="a local transformers model folder (default: "
@@ -93,7 +75,7 @@ g.add_argument("--temperature", type=COEF, default=1.0, help="sampling temperatu
 g.add_argument("--top-p", type=SHARE, default=1.0, help="nucleus sampling (not in the log-probs: keep 1.0)")
 g.add_argument("--rollout", default="vllm", choices=["vllm", "hf"], help="in-process vLLM, or transformers")
 g.add_argument("--rollout-tp", type=POSITIVE, default=1, help="tensor parallel size of the vLLM engine (GPU)")
-g.add_argument("--kv-cache-gib", type=number(float, 0, above=True), default=0.25, help="vLLM's KV cache on CPU")
+g.add_argument("--kv-cache-gib", type=ABOVE_0, default=0.25, help="vLLM's KV cache on CPU")
 g.add_argument("--gpu-memory-utilization", type=SHARE, default=0.3, help="vLLM's share of GPU memory")
 g = p.add_argument_group("optimisation")
 g.add_argument("--steps", type=POSITIVE, default=40, help="RL steps (one batch of prompts each)")
@@ -105,11 +87,11 @@ g.add_argument("--epochs-per-batch", type=POSITIVE, default=1, help="passes over
 g.add_argument("--warmup", type=COUNT, default=0, help="steps of linear learning-rate warm-up, then constant")
 g.add_argument("--weight-decay", type=COEF, default=0.0, help="AdamW weight decay")
 g.add_argument("--grad-clip", type=COEF, default=1.0, help="clip the global gradient norm to this (0: off)")
-g.add_argument("--clip-low", type=number(float, 0, 1), default=0.2, help="ratio clip: ratio >= 1 - clip_low")
+g.add_argument("--clip-low", type=UNIT, default=0.2, help="ratio clip: ratio >= 1 - clip_low")
 g.add_argument("--clip-high", type=COEF, default=0.2, help="ratio clip: ratio <= 1 + clip_high (DAPO: 0.28)")
 g.add_argument("--loss-agg", default="token-mean", choices=list(ppo.LOSS_AGG_MODES), help="see ppo.aggregate")
 g.add_argument("--mask-truncated", action="store_true", help="leave truncated responses out of the loss")
-g.add_argument("--kl-coef", type=number(float, 0, auto=True), default="auto", help=f"KL to the reference; auto: "
+g.add_argument("--kl-coef", type=cli.number(float, 0, auto=True), default="auto", help=f"KL to the reference; auto: "
                f"{SMALL['kl_coef']:g} for our small models, {TINYZERO['kl_coef']:g} (TinyZero) for any other; 0: "
                "no reference model. PPO puts k1 in the reward, GRPO --kl-estimator in the loss")
 g.add_argument("--entropy-coef", type=COEF, default=0.0, help="entropy bonus (TinyZero: 0.001)")
@@ -119,11 +101,11 @@ g.add_argument("--max-skipped-steps", type=POSITIVE, default=3, help="stop after
 g = p.add_argument_group("PPO")
 g.add_argument("--critic-lr", type=RATE, default="auto", help=f"critic learning rate; auto: {SMALL['critic_lr']:g} "
                f"for our small models, {TINYZERO['critic_lr']:g} (TinyZero) for any other")
-g.add_argument("--gamma", type=number(float, 0, 1), default=1.0, help="GAE discount (TinyZero: 1)")
-g.add_argument("--lam", type=number(float, 0, 1), default=1.0, help="GAE lambda (TinyZero: 1)")
-g.add_argument("--value-clip", type=number(float, 0, above=True), default=0.5, help="clip each value's change")
+g.add_argument("--gamma", type=UNIT, default=1.0, help="GAE discount (TinyZero: 1)")
+g.add_argument("--lam", type=UNIT, default=1.0, help="GAE lambda (TinyZero: 1)")
+g.add_argument("--value-clip", type=ABOVE_0, default=0.5, help="clip each value's change")
 g.add_argument("--kl-ctrl", default="fixed", choices=["fixed", "adaptive"], help="adaptive: toward --kl-target")
-g.add_argument("--kl-target", type=number(float, 0, above=True), default=0.1, help="adaptive KL: target per token")
+g.add_argument("--kl-target", type=ABOVE_0, default=0.1, help="adaptive KL: target per token")
 g.add_argument("--kl-horizon", type=POSITIVE, default=10000, help="adaptive KL: horizon in samples")
 g = p.add_argument_group("GRPO")
 g.add_argument("--no-std-scale", action="store_true", help="do not divide by the group's std (Dr. GRPO)")
@@ -149,20 +131,14 @@ algo = {"ppo": ppo, "grpo": grpo}[args.algo]  # the algorithm: advantages() and 
 # process group: torchrun sets RANK/WORLD_SIZE; plain `python train.py` runs as a world of one
 if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: die with it (a kill -9 of it leaves no orphans)
     checkpoint.exit_with_parent()
-if "RANK" not in os.environ:  # plain `python train.py`: a world of one, on a free port
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
-        os.environ.setdefault(k, v)
+if "RANK" not in os.environ:  # plain `python train.py`: a world of one
+    cli.world_of_one()
 T_START = time.time()
 rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 master = rank == 0
 cuda = torch.cuda.is_available()
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-         "bfloat16": torch.bfloat16}[args.dtype]
+dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and cuda) else torch.float32
 
 # ----------------------------------------------------------------------------------------------------------
 # check the input before anything heavy: each problem is one line, before any model loads
@@ -181,12 +157,6 @@ for bad, msg in (
         die(msg)
 if args.model != "tiny" and (problem := checkpoint.model_problem(args.model)):
     die(f"--model {args.model!r} {problem}; give a local transformers folder or 'tiny'")
-data_dir = args.data or os.path.join(args.out, "data")  # empty --data: tasks generated there (rank 0, below)
-try:
-    if args.data:
-        train_path, test_path = data.find_split(data_dir, "train"), data.find_split(data_dir, "test")
-except (FileNotFoundError, ValueError) as e:
-    die(f"--data {args.data!r}: {e}")
 try:
     os.makedirs(args.out, exist_ok=True)
 except OSError as e:
@@ -197,7 +167,6 @@ if cuda:
 dist.init_process_group("nccl" if cuda else "gloo")
 mesh = init_device_mesh(device.type, (world,))
 ckpt_root, metrics_path = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "metrics.jsonl")
-
 
 # Rank 0 locks OUT for the run's life (one trainer per OUT) and, with --resume, picks the newest whole checkpoint
 # of this run; every rank learns the outcome before anything heavy happens.
@@ -210,25 +179,19 @@ if resume_dir and start_step == args.steps:
     if master:
         print(f"train.py: {resume_dir} is step {start_step} of --steps {args.steps}: nothing left to do")
     sys.exit(0)
-if master and resume_dir:
-    checkpoint.trim_log(metrics_path, start_step)  # the lines of steps after the checkpoint are redone
-elif master and os.path.exists(metrics_path):
-    os.remove(metrics_path)  # a fresh run starts a fresh log
-
 # A model made by pretrain.py says what it was pretrained on: the tasks to generate, and our small-model defaults.
 made = os.path.join(args.model, "pretrain.json")
 pretrained = json.load(open(made))["args"] if os.path.isfile(made) else None
 
-# data: the built-in default's tasks are generated on rank 0 when --data is empty, then every rank reads them
-if not args.data:
-    if master:
-        data.default_splits(data_dir, args.seed, pretrained)
-    dist.barrier()
-    train_path, test_path = data.find_split(data_dir, "train"), data.find_split(data_dir, "test")
+# data: with --data empty, rank 0 generates the built-in default's tasks into OUT/data; every rank reads them
+data_dir = args.data or os.path.join(args.out, "data")
+if master and not args.data:
+    data.default_splits(data_dir, args.seed, pretrained)
+dist.barrier()
 try:
-    train_rows, test_rows = data.load_rows(train_path), data.load_rows(test_path)
-except ValueError as e:
-    die(str(e))
+    train_rows, test_rows = (data.load_rows(data.find_split(data_dir, split)) for split in ("train", "test"))
+except (FileNotFoundError, ValueError) as e:
+    die(f"--data {data_dir!r}: {e}")
 
 model_path = os.path.join(args.out, "tiny_model") if args.model == "tiny" else args.model
 if args.model == "tiny" and master and not os.path.exists(model_path):
@@ -240,26 +203,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 tokenizer = AutoTokenizer.from_pretrained(model_path)
-eos_id = tokenizer.eos_token_id
-pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
 
-def encode(rows, split):
-    """Prompt token ids for rows; too-long prompts fail or are dropped (--long-prompts)."""
-    ids = tokenizer([data.prompt_text(r, tokenizer) for r in rows], add_special_tokens=False)["input_ids"]
-    long = [i for i, x in enumerate(ids) if len(x) > args.max_prompt_len]
-    if long and args.long_prompts == "fail":
-        die(f"{len(long)} of {len(rows)} {split} prompts are longer than --max-prompt-len "
-            f"{args.max_prompt_len} (longest {max(len(ids[i]) for i in long)} tokens); raise it or pass "
-            "--long-prompts drop")
-    if long and master:
-        print(f"dropping {len(long)} of {len(rows)} {split} prompts longer than {args.max_prompt_len} tokens")
-    keep = sorted(set(range(len(rows))) - set(long))
-    return [rows[i] for i in keep], [ids[i] for i in keep]
-
-
-train_rows, train_ids = encode(train_rows, "train")
-test_rows, test_ids = encode(test_rows, "test")
+drop = args.long_prompts == "drop"
+try:  # prompts as token ids, checked against --max-prompt-len
+    train_rows, train_ids, dropped = data.encode_prompts(train_rows, tokenizer, args.max_prompt_len, drop, "train")
+    test_rows, test_ids, dropped_test = data.encode_prompts(test_rows, tokenizer, args.max_prompt_len, drop, "test")
+except ValueError as e:
+    die(str(e))
+for n, split, kept in ((dropped, "train", train_rows), (dropped_test, "test", test_rows)):
+    if n and master:
+        print(f"dropping {n} of {n + len(kept)} {split} prompts longer than {args.max_prompt_len} tokens")
 if len(train_rows) < args.batch_prompts:
     die(f"{len(train_rows)} train prompts are fewer than --batch-prompts {args.batch_prompts}")
 
@@ -301,15 +256,8 @@ for model, model_lr, name in ((policy, lr, "grad_norm"), (critic, critic_lr, "cr
     if model is not None:
         optim = torch.optim.AdamW(model.parameters(), lr=model_lr, weight_decay=args.weight_decay)
         trained.append((model, optim, torch.optim.lr_scheduler.LambdaLR(optim, warmup), name))
-if resume_dir:  # weights_only: a checkpoint is data, never code that runs when it is loaded
-    for (model, optim, sched, _), name in zip(trained, ("optimizer.pt", "critic_optimizer.pt")):
-        osd = torch.load(os.path.join(resume_dir, name), map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(model, optim, osd, options=StateDictOptions(full_state_dict=True))
-    state = torch.load(os.path.join(resume_dir, "trainer_state.pt"), weights_only=True)
-    for (model, optim, sched, name), sd in zip(trained, state["schedulers"]):
-        sched.load_state_dict(sd)
-    kl_coef = state["kl_coef"]
-    checkpoint.set_rng_state(state["rng"][rank])
+if resume_dir:
+    kl_coef = checkpoint.load_training(resume_dir, trained)["kl_coef"]
 
 engine = rollout.make_engine(args.rollout, init_path, dtype=dtype, device=device, seed=args.seed,
                              max_model_len=args.max_prompt_len + args.max_response_len, tp=args.rollout_tp,
@@ -337,13 +285,6 @@ def per_micro_batch(fn, batch):
     return torch.cat([fn(mb) for mb in micro_batches(batch, torch.arange(len(batch["mask"])), args.micro_batch)])
 
 
-def values(mb):
-    """The critic's values of the response tokens [B, T]."""
-    with autocast:
-        return ppo.critic_values(critic, mb["input_ids"], mb["attention_mask"],
-                                 mb["input_ids"].shape[1] - mb["mask"].shape[1], mb["position_ids"])
-
-
 def batch_indices(step):
     """This rank's prompt indices at a step: a fresh permutation of the train set each epoch, by seed.
 
@@ -355,43 +296,10 @@ def batch_indices(step):
     return order[start:start + per_rank].tolist()
 
 
-def sample_and_score(rows, prompts, n, temperature, seed):
-    """Generate n responses per prompt and score them. Returns samples, texts, scores, seconds scoring."""
-    samples = rollout.generate(engine, prompts, n=n, temperature=temperature, top_p=args.top_p,
-                               max_tokens=args.max_response_len, seed=seed, eos_token_id=eos_id,
-                               pad_token_id=pad_id)
-    t = time.time()
-    texts = tokenizer.batch_decode([s["token_ids"] for s in samples], skip_special_tokens=True)
-    scores = [rewards.score(rows[k // n], text) for k, text in enumerate(texts)]
-    return samples, texts, scores, time.time() - t
-
-
 def validate(step):
-    """Greedy (and with --eval-sampled, sampled) reward, accuracy and response length on the test split, and for
-    Countdown rows the aha metrics (aha.py): attempts per response, answers that repeat an attempt that hit the
-    target, responses that stop right after the first hit."""
-    idx = list(range(len(test_rows)))[: args.eval_prompts or None][rank::world]
-    rows, prompts = [test_rows[i] for i in idx], [test_ids[i] for i in idx]
-    out = {}
-    for name, temp in (("val", args.temperature), ("val_greedy", 0.0))[0 if args.eval_sampled else 1:]:
-        samples, texts, scores, _ = sample_and_score(rows, prompts, 1, temp, seed=10**6 * (step + 1) + rank)
-        found = [x for x in map(aha.row_metrics, rows, texts) if x is not None]
-        tot = allreduce({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
-                         "len": sum(len(x["token_ids"]) for x in samples), "n_aha": len(found),
-                         **{k: sum(x[k] for x in found) for k in aha.KEYS}})
-        n = max(tot["n"], 1)
-        out.update({f"{name}_reward": tot["reward"] / n, f"{name}_acc": tot["acc"] / n,
-                    f"{name}_response_len": tot["len"] / n})
-        if tot["n_aha"]:
-            out.update({f"{name}_{k}": tot[k] / tot["n_aha"] for k in aha.KEYS})
-        if master and args.log_samples:
-            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-            with open(os.path.join(args.out, "samples", f"step_{step}_{name}.jsonl"), "w") as f:
-                for r, text, sc in list(zip(rows, texts, scores))[: args.log_samples]:
-                    f.write(json.dumps({"prompt": data.prompt_text(r, tokenizer), "response": text,
-                                        "score": sc}) + "\n")
-    out["elapsed"] = time.time() - T_START
-    return out
+    """evaluate.validate on the test split, and the wall time so far."""
+    return {**evaluate.validate(engine, tokenizer, test_rows, test_ids, step, args, allreduce),
+            "elapsed": time.time() - T_START}
 
 
 def update(batch):
@@ -421,16 +329,16 @@ def update(batch):
                 logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True)
                 # With one epoch and one mini-batch the policy that sampled is this one: old = new, detached.
                 mb.setdefault("old_logp", logp.detach())
-                loss, stats = algo.loss(logp, values(mb) if critic else None, mb, args, kl_coef=kl_coef,
-                                        denom=denom)
+                values = ppo.critic_values(critic, mb, autocast) if critic else None
+                loss, stats = algo.loss(logp, values, mb, args, kl_coef=kl_coef, denom=denom)
                 if args.entropy_coef:  # a bonus: maximising entropy keeps exploration alive
                     loss = loss - args.entropy_coef * ppo.aggregate(ent, mb["mask"], args.loss_agg,
                                                                     args.max_response_len, denom)
                 loss.backward()
                 # losses are already each micro-batch's share of the mini-batch's; means weigh by its rows
-                w = len(mb["mask"]) / len(rows)
-                loss_sum += loss.item()
-                add("loss", loss.item())
+                w, value = len(mb["mask"]) / len(rows), loss.item()
+                loss_sum += value
+                add("loss", value)
                 add("entropy", ppo.masked_mean(ent.detach(), mb["mask"]), w)
                 for k, v in stats.items():
                     add(k, v, 1.0 if k.endswith("loss") else w)
@@ -455,60 +363,35 @@ def update(batch):
 
 
 def save_checkpoint(step):
-    """OUT/checkpoints/step_N: a transformers folder plus optimizer, schedule, RNG, step (and critic/), written by
-    checkpoint.save: into a temporary folder, a manifest last, then renamed; a crash never leaves a half one.
-    Weights that are not finite are never saved: the run stops instead, with the newest checkpoint intact."""
-    bad = sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in policy.parameters())
-    if allreduce({"bad": bad})["bad"]:
-        die(f"step {step}: the policy's weights are not finite; not saved (the newest checkpoint is intact)")
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only, in CPU memory
-    saved = [(get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optim, options=full))
-             for model, optim, *_ in trained]
-    rngs = [None] * world
-    dist.all_gather_object(rngs, checkpoint.rng_state())
-
-    def write(tmp):
-        places = [(tmp, "optimizer.pt"), (os.path.join(tmp, "critic"), "critic_optimizer.pt")]  # policy, critic
-        for (sd, osd), (model, *_), (folder, name) in zip(saved, trained, places):
-            model.save_pretrained(folder, state_dict=sd)
-            torch.save(osd, os.path.join(tmp, name))
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "schedulers": [sched.state_dict() for model, optim, sched, name in trained],
-                    "rng": rngs, "kl_coef": kl_coef}, os.path.join(tmp, "trainer_state.pt"))
-
+    """OUT/checkpoints/step_N, whole or absent whatever happens meanwhile; never with weights that are not finite."""
+    if not checkpoint.save_training(os.path.join(ckpt_root, f"step_{step}"), trained, tokenizer,
+                                    {"step": step, "kl_coef": kl_coef}, {"step": step, "args": vars(args)}):
+        die(f"step {step}: the weights are not finite; not saved (the newest checkpoint is intact)")
     if master:
-        checkpoint.save(os.path.join(ckpt_root, f"step_{step}"), write, info={"step": step, "args": vars(args)})
         checkpoint.prune(ckpt_root, args.keep_checkpoints)
-    dist.barrier()
 
 
-wandb = None
-if master and args.wandb:
-    try:
-        import wandb
-        wandb.init(project=args.wandb, config=vars(args), resume="allow")
-    except ImportError:
-        print("--wandb given but wandb is not installed: logging to metrics.jsonl only")
+wandb = checkpoint.start_wandb(args.wandb, vars(args)) if master and args.wandb else None
 
 
 def log(m):
     """One line per step: stdout, OUT/metrics.jsonl and wandb (rank 0)."""
-    if not master:
-        return
-    tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
-    m = checkpoint.append_line(metrics_path, m)
-    if wandb:
-        wandb.log(m, step=m["step"])
+    if master:
+        checkpoint.log(metrics_path, m, wandb)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the loop
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm  # noqa: E402 (the progress bar)
 
 # With one epoch and one mini-batch the update's own forward gives the old log-probs (see update()); otherwise
 # they are computed before it. PPO's KL reward reads them before the update too.
 old_logp_first = args.epochs_per_batch > 1 or mini < args.batch_prompts or (critic is not None and ref is not None)
 updates_per_step, skipped_steps = args.epochs_per_batch * args.batch_prompts // mini, 0
+if master and resume_dir:
+    checkpoint.trim_log(metrics_path, start_step)  # the lines of steps after the checkpoint are redone
+elif master and os.path.exists(metrics_path):
+    os.remove(metrics_path)  # a fresh run starts a fresh log
 if args.eval_every and start_step == 0:
     log({"step": 0, **validate(0)})  # the baseline of the validation curve
 bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master,
@@ -517,9 +400,10 @@ for step in bar:
     # 1. rollout: group-size responses for each of this rank's prompts, and their rewards -------------------
     t0 = time.time()
     idx = batch_indices(step)
-    rows, prompts = [train_rows[i] for i in idx], [train_ids[i] for i in idx]
-    samples, texts, scores, time_reward = sample_and_score(rows, prompts, args.group_size, args.temperature,
-                                                           seed=args.seed + 10**6 * step + 10**4 * rank)
+    rows, prompts = [train_rows[i] for i in idx], [train_ids[i].tolist() for i in idx]
+    samples, texts, scores, time_reward = rollout.sample_and_score(
+        engine, tokenizer, rows, prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
+        max_tokens=args.max_response_len, seed=args.seed + 10**6 * step + 10**4 * rank)
     rollout.sleep(engine)
     t1 = time.time()
     # 2. log-probs and advantages -----------------------------------------------------------------------------
@@ -532,7 +416,7 @@ for step in bar:
             batch["ref_logp"] = per_micro_batch(lambda mb: ppo.response_logprobs(ref, mb, args.temperature,
                                                                                autocast), batch)
         if critic is not None:
-            batch["values"] = per_micro_batch(values, batch)
+            batch["values"] = per_micro_batch(lambda mb: ppo.critic_values(critic, mb, autocast), batch)
         score_t = torch.tensor(scores, dtype=torch.float32, device=device)
         algo_stats = algo.advantages(batch, score_t, args, kl_coef=kl_coef)
     t2 = time.time()

@@ -2,13 +2,14 @@
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from cli import free_port  # noqa: E402 (the tests import it from here)
 
 # variables that would make a child believe it is already a rank of some other job
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
@@ -27,12 +28,6 @@ class Result:
     def tail(self, n=3000):
         """The end of both streams, for assertion messages."""
         return f"--- stdout (tail) ---\n{self.stdout[-n:]}\n--- stderr (tail) ---\n{self.stderr[-n:]}"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env():

@@ -9,6 +9,7 @@ from fractions import Fraction
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import countdown  # noqa: E402
 import data  # noqa: E402
 import rewards  # noqa: E402
 
@@ -75,11 +76,11 @@ def test_countdown_options_determinism_and_workers(monkeypatch):
 
 
 def test_solve_finds_integer_solutions_only():
-    assert data.solve([8, 3, 8, 3], 24) is None  # needs the fraction 8/3
-    sol = data.solve([44, 19, 35], 98)
+    assert countdown.solve([8, 3, 8, 3], 24) is None  # needs the fraction 8/3
+    sol = countdown.solve([44, 19, 35], 98)
     assert rewards.countdown_reward(f"<answer>{sol}</answer>", 98, [44, 19, 35]) == 1.0
     for nums, target in [((0, 5, 7), 0), ((2, 2, 4), 0), ((6, 2, 3), 1), ((99, 98, 97), 97)]:
-        sol = data.solve(list(nums), target)
+        sol = countdown.solve(list(nums), target)
         assert sol and Fraction(rewards.evaluate_expression(sol)) == target, (nums, target, sol)
 
 
@@ -283,4 +284,5 @@ def test_cli(tmp_path, capsys):
 
 
 def test_doctests():
-    assert doctest.testmod(data).failed == 0
+    assert doctest.testmod(data).failed == 0 and doctest.testmod(countdown).attempted > 0
+    assert doctest.testmod(countdown).failed == 0

@@ -429,23 +429,27 @@ def test_critic_from_tiny_qwen2(tmp_path):
     P, T = 4, 5
     ids = torch.randint(1, 100, (2, P + T))
     attn = torch.ones(2, P + T, dtype=torch.long)
+
+    def values(ids, attn, n_prompt):  # a batch as rollout.to_batch lays it out: prompt columns, then the response
+        return ppo.critic_values(critic, {"input_ids": ids, "attention_mask": attn,
+                                          "response_ids": ids[:, n_prompt:]})
     critic.train()  # value-head dropout is off: train mode is deterministic
-    v = ppo.critic_values(critic, ids, attn, P)
+    v = values(ids, attn, P)
     assert v.shape == (2, T) and v.dtype == torch.float32
-    assert torch.equal(v, ppo.critic_values(critic, ids, attn, P))
+    assert torch.equal(v, values(ids, attn, P))
     critic.eval()
     with torch.no_grad():
-        v = ppo.critic_values(critic, ids, attn, P)
+        v = values(ids, attn, P)
         raw = critic(input_ids=ids, attention_mask=attn).logits[..., 0]
         assert torch.allclose(v, raw[:, P - 1 : P + T - 1])
         # alignment: value of response token t must not see token t. Changing response token 2 (absolute P+2)
         # leaves values[:, :3] (states before tokens 0, 1, 2) unchanged and changes values[:, 3:].
         ids2 = ids.clone()
         ids2[:, P + 2] = (ids2[:, P + 2] % 99) + 1
-        v2 = ppo.critic_values(critic, ids2, attn, P)
+        v2 = values(ids2, attn, P)
         assert torch.allclose(v[:, :3], v2[:, :3], atol=1e-6)
         assert not torch.allclose(v[:, 3:], v2[:, 3:], atol=1e-6)
         # a left-padded prompt gets the same values as the unpadded one (position_ids from attention_mask)
         pad_ids = torch.cat([torch.zeros(2, 2, dtype=torch.long), ids], 1)
         pad_attn = torch.cat([torch.zeros(2, 2, dtype=torch.long), attn], 1)
-        assert torch.allclose(ppo.critic_values(critic, pad_ids, pad_attn, P + 2), v, atol=1e-5)
+        assert torch.allclose(values(pad_ids, pad_attn, P + 2), v, atol=1e-5)
