@@ -1,7 +1,44 @@
-"""The Countdown numbers game, solved by brute force: every value reachable from the numbers (each used once, +
-- * / with integer steps), and one expression for a target. data.py draws only solvable tasks with it and keeps
-the expression as the row's "solution". Standard library only.
+"""The Countdown numbers game: solvable tasks drawn by seed, and the brute-force solver behind them (every value
+reachable from the numbers, each used once, + - * / with integer steps; one expression for a target, kept as the
+row's "solution"). data.py's make_countdown runs draw() chunk by chunk. Standard library only.
 """
+import random
+
+
+def key(target, numbers):
+    """What makes two Countdown tasks the same task (the order of the numbers does not)."""
+    return ("countdown", int(target), tuple(sorted(int(x) for x in numbers)))
+
+
+def draw(args):
+    """One chunk of data.make_countdown's tasks: args = (seed, chunk, n, num_counts, num_range, target_range,
+    exclude, max_failed). n tasks {"target", "numbers", "solution"}, a function of (seed, chunk) and the options;
+    keys in exclude (key()) are never drawn. ValueError after max_failed useless draws in a row."""
+    seed, chunk, n, num_counts, num_range, target_range, exclude, max_failed = args
+    rng = random.Random(f"countdown:{seed}:{chunk}")  # str seeds are hashed deterministically (sha512)
+    lo, hi = target_range
+    tasks, failed = [], 0
+    while len(tasks) < n:
+        numbers = [rng.randint(*num_range) for _ in range(rng.choice(num_counts))]
+        vals = solve_all(numbers)
+        full = (1 << len(numbers)) - 1
+        # Draw the target among the reachable ones in range: every draw of numbers with any is kept.
+        targets = sorted(v for v in vals[full] if lo <= v <= hi)
+        if exclude and targets:
+            targets = [t for t in targets if key(t, numbers) not in exclude]
+        if not targets:
+            failed += 1
+            if failed > max_failed:
+                raise ValueError(f"countdown: {max_failed} draws in a row gave no usable task (num_counts="
+                                 f"{num_counts}, num_range={num_range}, target_range={target_range}, {len(exclude)} "
+                                 "excluded tasks): the targets are (nearly) unreachable or all excluded; widen the "
+                                 "ranges")
+            continue
+        failed = 0
+        target = rng.choice(targets)
+        solution = expression(vals, numbers, full, target)
+        tasks.append({"target": target, "numbers": numbers, "solution": solution})
+    return tasks
 
 
 def _combine(xs, ys):

@@ -72,35 +72,9 @@ TASKS = tuple(PROMPTS)
 def task_key(task):
     """What makes two tasks the same task (used so train and test never share one)."""
     if "numbers" in task:
-        return ("countdown", int(task["target"]), tuple(sorted(int(x) for x in task["numbers"])))
+        return countdown.key(task["target"], task["numbers"])
     a, b = int(task["a"]), int(task["b"])
     return ("multiply", min(a, b), max(a, b))  # 3 * 5 and 5 * 3 are the same task
-
-
-def _countdown_chunk(args):
-    seed, chunk, n, num_counts, num_range, target_range, exclude = args
-    rng = random.Random(f"countdown:{seed}:{chunk}")  # str seeds are hashed deterministically (sha512)
-    lo, hi = target_range
-    tasks, failed = [], 0
-    while len(tasks) < n:
-        numbers = [rng.randint(*num_range) for _ in range(rng.choice(num_counts))]
-        vals = countdown.solve_all(numbers)
-        full = (1 << len(numbers)) - 1
-        # Draw the target among the reachable ones in range: every draw of numbers with any is kept.
-        targets = sorted(v for v in vals[full] if lo <= v <= hi)
-        if exclude and targets:
-            targets = [t for t in targets if task_key({"target": t, "numbers": numbers}) not in exclude]
-        if not targets:
-            failed += 1
-            _need(failed <= MAX_FAILED_DRAWS, f"countdown: {MAX_FAILED_DRAWS} draws in a row gave no usable task "
-                  f"(num_counts={num_counts}, num_range={num_range}, target_range={target_range}, {len(exclude)} "
-                  f"excluded tasks): the targets are (nearly) unreachable or all excluded; widen the ranges")
-            continue
-        failed = 0
-        target = rng.choice(targets)
-        solution = countdown.expression(vals, numbers, full, target)
-        tasks.append({"target": target, "numbers": numbers, "solution": solution})
-    return tasks
 
 
 def _run_chunks(fn, n, args, workers, progress, desc):
@@ -136,8 +110,8 @@ def make_countdown(n, seed, num_counts=(3, 4), num_range=(1, 99), target_range=(
     top = max(max(k * num_range[1], num_range[1] ** k) for k in num_counts)  # the largest value any task reaches
     _need(target_range[0] <= top, f"countdown: no target in {target_range} can be reached: numbers in {num_range} "
                                   f"with counts {num_counts} reach at most {top}")
-    args = (seed, num_counts, num_range, target_range, frozenset(exclude or ()))
-    return _run_chunks(_countdown_chunk, n, args, workers, progress, "countdown")
+    args = (seed, num_counts, num_range, target_range, frozenset(exclude or ()), MAX_FAILED_DRAWS)
+    return _run_chunks(countdown.draw, n, args, workers, progress, "countdown")
 
 
 # ----------------------------------------------------------------------------------------------------------

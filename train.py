@@ -205,7 +205,6 @@ transformers.utils.logging.disable_progress_bar()
 tokenizer = AutoTokenizer.from_pretrained(model_path)
 pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
-
 drop = args.long_prompts == "drop"
 try:  # prompts as token ids, checked against --max-prompt-len
     train_rows, train_ids, dropped = data.encode_prompts(train_rows, tokenizer, args.max_prompt_len, drop, "train")
@@ -226,10 +225,8 @@ autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not cuda and dtyp
 
 
 def load_model(path, trainable, critic=False):
-    if critic:  # the policy's architecture with a scalar value head, backbone from path
-        model = ppo.build_critic(path, torch.float32).to(device)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
+    # fp32 master weights; the critic: the policy's architecture with a scalar value head, backbone from path
+    model = (ppo.build_critic if critic else AutoModelForCausalLM.from_pretrained)(path, dtype=torch.float32).to(device)
     if trainable and args.grad_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -249,9 +246,8 @@ policy = load_model(init_path, trainable=True)
 ref = load_model(model_path, trainable=False) if kl_coef > 0 else None
 critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_path, trainable=True,
                     critic=True) if args.algo == "ppo" else None
-# what is trained: (model, optimizer, schedule, the name its gradient norm is logged under)
 warmup = lambda s: min(1.0, (s + 1) / (args.warmup + 1))  # noqa: E731
-trained = []
+trained = []  # what is trained: (model, optimizer, schedule, the name its gradient norm is logged under)
 for model, model_lr, name in ((policy, lr, "grad_norm"), (critic, critic_lr, "critic_grad_norm")):
     if model is not None:
         optim = torch.optim.AdamW(model.parameters(), lr=model_lr, weight_decay=args.weight_decay)
@@ -296,12 +292,6 @@ def batch_indices(step):
     return order[start:start + per_rank].tolist()
 
 
-def validate(step):
-    """evaluate.validate on the test split, and the wall time so far."""
-    return {**evaluate.validate(engine, tokenizer, test_rows, test_ids, step, args, allreduce),
-            "elapsed": time.time() - T_START}
-
-
 def update(batch):
     """Epochs x mini-batches x micro-batches: one optimizer step per mini-batch, gradients accumulated over its
     micro-batches. Returns the rank's means of the algorithm's stats (and the number of optimizer steps skipped
@@ -313,8 +303,7 @@ def update(batch):
         sums[k] = sums.get(k, 0.0) + float(v) * w
 
     for epoch in range(args.epochs_per_batch):
-        shuffle = args.epochs_per_batch > 1 or per_mini < n_local
-        perm = torch.randperm(n_local) if shuffle else torch.arange(n_local)
+        perm = torch.randperm(n_local) if args.epochs_per_batch > 1 or per_mini < n_local else torch.arange(n_local)
         for start in range(0, n_local, per_mini):
             rows = perm[start:start + per_mini]
             # Every micro-batch's loss is its share of the loss of the whole mini-batch over all ranks: the
@@ -375,9 +364,9 @@ wandb = checkpoint.start_wandb(args.wandb, vars(args)) if master and args.wandb 
 
 
 def log(m):
-    """One line per step: stdout, OUT/metrics.jsonl and wandb (rank 0)."""
+    """One line per step, with the wall time so far: stdout, OUT/metrics.jsonl and wandb (rank 0)."""
     if master:
-        checkpoint.log(metrics_path, m, wandb)
+        checkpoint.log(metrics_path, {**m, "elapsed": time.time() - T_START}, wandb)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,7 +382,7 @@ if master and resume_dir:
 elif master and os.path.exists(metrics_path):
     os.remove(metrics_path)  # a fresh run starts a fresh log
 if args.eval_every and start_step == 0:
-    log({"step": 0, **validate(0)})  # the baseline of the validation curve
+    log({"step": 0, **evaluate.validate(engine, tokenizer, test_rows, test_ids, 0, args, allreduce)})  # the baseline
 bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master,
            dynamic_ncols=True)
 for step in bar:
@@ -409,12 +398,11 @@ for step in bar:
     # 2. log-probs and advantages -----------------------------------------------------------------------------
     batch = rollout.to_batch(prompts, samples, args.group_size, pad_id, device, args.mask_truncated)
     with torch.no_grad():
-        if old_logp_first:  # the policy that sampled, recomputed by the trainer
-            batch["old_logp"] = per_micro_batch(lambda mb: ppo.response_logprobs(policy, mb, args.temperature,
-                                                                                  autocast), batch)
-        if ref is not None:
-            batch["ref_logp"] = per_micro_batch(lambda mb: ppo.response_logprobs(ref, mb, args.temperature,
-                                                                               autocast), batch)
+        # old: the policy that sampled, recomputed by the trainer; ref: the reference of the KL term
+        for key, model in (("old_logp", policy if old_logp_first else None), ("ref_logp", ref)):
+            if model is not None:
+                batch[key] = per_micro_batch(lambda mb: ppo.response_logprobs(model, mb, args.temperature, autocast),
+                                             batch)
         if critic is not None:
             batch["values"] = per_micro_batch(lambda mb: ppo.critic_values(critic, mb, autocast), batch)
         score_t = torch.tensor(scores, dtype=torch.float32, device=device)
@@ -445,7 +433,7 @@ for step in bar:
         kl_coef = ppo.update_kl_coef(kl_coef, m["kl"], args.kl_target, args.kl_horizon,
                                      args.batch_prompts * args.group_size)
     if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-        m.update(validate(step + 1))
+        m.update(evaluate.validate(engine, tokenizer, test_rows, test_ids, step + 1, args, allreduce))
     bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['acc']:.2f}")
     log(m)  # before the checkpoint: a kill between the two redoes this step on resume, and trim_log drops its line
     if skipped_steps >= args.max_skipped_steps:
