@@ -220,39 +220,91 @@ def build_critic(model_path, dtype):
     return AutoModelForTokenClassification.from_pretrained(model_path, config=config, dtype=dtype)
 
 
-def response_logprobs(model, batch, temperature, autocast=contextlib.nullcontext(), with_entropy=False):
-    """Log-probs [B, T] of the response tokens under softmax(logits / temperature) (and entropy [B, T]).
+def pack(batch):
+    """The micro-batch's sequences laid end to end in one row, without padding, for a packed forward pass.
 
-    batch is rollout.to_batch()'s: input_ids [B, P + T], prompts left-padded to P, responses right-padded
-    to T. Logits at position i predict token i + 1, so response token t (at P + t) is scored at P - 1 + t,
-    the same alignment as critic_values. autocast wraps the forward only; the softmax runs in float32.
+    batch: rollout.to_batch()'s layout, input_ids [B, P + T] with prompts left-padded to P and responses right-padded
+    to T, attention_mask 1 on real tokens. Returns (input_ids [1, L], position_ids [1, L], index [N], rows [N],
+    cols [N]): L = the real tokens of all B sequences. Positions restart at 0 with each sequence: given them and no
+    attention_mask, transformers keeps attention within each sequence (a block-diagonal causal mask; with
+    flash-attention, its variable-length kernels). Logits at position i predict token i + 1, so response token t
+    of row b, at packed position start_b + prompt_b + t, is scored at index = start_b + prompt_b + t - 1; its
+    result goes to [rows, cols] = [b, t] of the response layout. N = the batch's response tokens.
+    Example: prompts [7 8] and [9], responses [1 2] and [3]: ids [7 8 1 2 9 3], positions [0 1 2 3 0 1],
+    index [1 2 4], rows [0 0 1], cols [0 1 0].
     """
+    attn = batch["attention_mask"].bool()
     T = batch["response_ids"].shape[1]
+    lengths = attn.sum(-1)
+    starts = lengths.cumsum(0) - lengths
+    positions = torch.arange(int(lengths.sum()), device=attn.device) - starts.repeat_interleave(lengths)
+    rows, cols = attn[:, -T:].nonzero(as_tuple=True)  # the generated tokens, in row-major (packed) order
+    index = starts[rows] + attn[:, :-T].sum(-1)[rows] + cols - 1
+    return batch["input_ids"][attn][None], positions[None], index, rows, cols
+
+
+def _unpack(flat, rows, cols, shape):
+    """[N] values of the response tokens back into the padded response layout [B, T] (0 on padding)."""
+    return torch.zeros(shape, dtype=flat.dtype, device=flat.device).index_put((rows, cols), flat)
+
+
+def micro_batches(batch, idx, budget):
+    """The rows idx of batch, in order, in micro-batches of at most `budget` real tokens (a longer sequence alone),
+    for pack(). Every rank gets as many micro-batches (each FSDP2 forward is a collective, so the ranks must run
+    the same number): a rank that needs fewer than another halves its largest ones."""
+    lengths = batch["attention_mask"][idx].sum(-1).tolist()
+    parts, tokens = [[]], 0
+    for k, n in enumerate(lengths):
+        if parts[-1] and tokens + n > budget:
+            parts.append([])
+            tokens = 0
+        parts[-1].append(k)
+        tokens += n
+    count = torch.tensor([len(parts)], device=batch["attention_mask"].device)
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    for _ in range(int(count) - len(parts)):
+        j = max(range(len(parts)), key=lambda j: (len(parts[j]) > 1, sum(lengths[k] for k in parts[j])))
+        parts[j:j + 1] = [parts[j][:len(parts[j]) // 2], parts[j][len(parts[j]) // 2:]]
+    for part in parts:
+        yield {k: v[idx[part]] for k, v in batch.items()}
+
+
+def response_logprobs(model, batch, temperature, autocast=contextlib.nullcontext(), with_entropy=False,
+                      entropy_grad=False):
+    """Log-probs [B, T] of the response tokens under softmax(logits / temperature) (and entropy [B, T]); 0 on
+    padding. One packed forward pass (pack()); the LM head runs only on the N positions that predict a response
+    token (logits_to_keep), so the only vocabulary-sized tensors are [N, V]: the logits, and their float32
+    tempered copy z, which autograd keeps. log p(y) = z[y] - logsumexp(z), without a [N, V] log-softmax. The
+    entropy is computed without autograd (and in chunks) unless entropy_grad: only an entropy bonus needs its
+    gradient. autocast wraps the forward only; the softmax runs in float32.
+    """
+    ids, positions, index, rows, cols = pack(batch)
     with autocast:
-        # logits_to_keep: only the last T + 1 positions; full-vocabulary logits of the prompt are waste.
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=T + 1, use_cache=False).logits
-    logits = logits[:, :-1].float() / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)
-    return (logp, entropy_from_logits(logits)) if with_entropy else logp
+        logits = model(input_ids=ids, position_ids=positions, logits_to_keep=index, use_cache=False).logits[0]
+    z = logits.float() if temperature == 1.0 else logits.float() / temperature
+    tokens, shape = batch["response_ids"][rows, cols], batch["response_ids"].shape
+    logp = _unpack(z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1), rows, cols, shape)
+    if not with_entropy:
+        return logp
+    if entropy_grad:
+        return logp, _unpack(entropy_from_logits(z), rows, cols, shape)
+    with torch.no_grad():  # chunks of <= 2^26 logits: no [N, V] temporaries of the softmax
+        chunk = max(1, 2**26 // z.shape[-1])
+        entropy = torch.cat([entropy_from_logits(c) for c in z.detach().split(chunk)])
+    return logp, _unpack(entropy, rows, cols, shape)
 
 
 def critic_values(critic, batch, autocast=contextlib.nullcontext()):
-    """Values [B, T] (float32) aligned with the response tokens; batch as for response_logprobs.
-
-    input_ids, attention_mask: [B, P + T], prompts (left-padded) in the first P columns, the response
-    (response_ids [B, T]) in the last T. The critic's output at position i has seen tokens 0..i, so the value
-    of response token t (at absolute position P + t) is the output at P - 1 + t: the state BEFORE the token is
-    emitted. That is the same shift as the log-probs (logits at i predict token i + 1), so values[:, t],
-    logp[:, t] and mask[:, t] all refer to response token t. position_ids default to cumsum(attention_mask) - 1,
-    so a left-padded prompt gets the positions it had when sampled unpadded (train.py's batches carry them).
+    """Values [B, T] (float32) of the response tokens, 0 on padding; batch as for response_logprobs (one packed
+    forward pass). The value of response token t is the critic's output at the position that predicts it, having
+    seen the tokens before it: the state BEFORE the token is emitted. That is the same position as its log-prob,
+    so values[:, t], logp[:, t] and mask[:, t] all refer to response token t.
     """
-    ids, attn, pos = batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
-    n_prompt = ids.shape[1] - batch["response_ids"].shape[1]
+    ids, positions, index, rows, cols = pack(batch)
     with autocast:
-        out = critic(input_ids=ids, attention_mask=attn, use_cache=False,
-                     position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0) if pos is None else pos)
-    return out.logits[:, n_prompt - 1 : -1, 0].float()
+        out = critic(input_ids=ids, position_ids=positions, use_cache=False).logits[0, index, 0]
+    return _unpack(out.float(), rows, cols, batch["response_ids"].shape)
 
 
 def value_loss(values, old_values, returns, mask, clip=0.5, agg="token-mean", denom=None):

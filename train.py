@@ -82,7 +82,9 @@ g.add_argument("--steps", type=POSITIVE, default=40, help="RL steps (one batch o
 g.add_argument("--lr", type=RATE, default="auto", help=f"policy learning rate; auto: {SMALL['lr']:g} for our "
                f"small models, {TINYZERO['lr']:g} (TinyZero) for any other")
 g.add_argument("--mini-batch-prompts", type=COUNT, default=0, help="prompts per optimizer step; 0: the batch")
-g.add_argument("--micro-batch", type=POSITIVE, default=32, help="sequences per forward/backward on a rank (memory)")
+g.add_argument("--micro-batch-tokens", type=cli.number(int, 1, auto=True), default="auto", help="tokens per "
+               "packed forward/backward on a rank (memory); a longer sequence goes alone; auto: 8192 on CUDA, 1 (each "
+               "sequence alone) on CPU, where attention under a packing mask costs the square of its length")
 g.add_argument("--epochs-per-batch", type=POSITIVE, default=1, help="passes over each batch of rollouts")
 g.add_argument("--warmup", type=COUNT, default=0, help="steps of linear learning-rate warm-up, then constant")
 g.add_argument("--weight-decay", type=COEF, default=0.0, help="AdamW weight decay")
@@ -139,6 +141,7 @@ master = rank == 0
 cuda = torch.cuda.is_available()
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and cuda) else torch.float32
+mb_tokens = (8192 if cuda else 1) if args.micro_batch_tokens == "auto" else args.micro_batch_tokens  # CPU: see README
 
 # ----------------------------------------------------------------------------------------------------------
 # check the input before anything heavy: each problem is one line, before any model loads
@@ -270,15 +273,9 @@ def allreduce(d, op=dist.ReduceOp.SUM):
     return dict(zip(keys, t.tolist()))
 
 
-def micro_batches(batch, idx, size):
-    """Split the rows idx of batch into micro-batches of at most size rows."""
-    for start in range(0, len(idx), size):
-        yield {k: v[idx[start:start + size]] for k, v in batch.items()}
-
-
 def per_micro_batch(fn, batch):
     """fn(micro-batch) over the whole batch, in order, concatenated: the passes before the update."""
-    return torch.cat([fn(mb) for mb in micro_batches(batch, torch.arange(len(batch["mask"])), args.micro_batch)])
+    return torch.cat([fn(mb) for mb in ppo.micro_batches(batch, torch.arange(len(batch["mask"])), mb_tokens)])
 
 
 def batch_indices(step):
@@ -308,14 +305,16 @@ def update(batch):
             rows = perm[start:start + per_mini]
             # Every micro-batch's loss is its share of the loss of the whole mini-batch over all ranks: the
             # divisor is the mini-batch's, summed over ranks, over world, since FSDP averages the gradients.
-            local = {"token-mean": batch["mask"][rows].sum().item(), "seq-mean": len(rows),
+            n_tokens = batch["mask"][rows].sum().item()
+            local = {"token-mean": n_tokens, "seq-mean": len(rows),
                      "token-sum": len(rows) * args.max_response_len}[args.loss_agg]
             denom = allreduce({"d": local})["d"] / world
-            mbs, loss_sum = list(micro_batches(batch, rows, args.micro_batch)), 0.0
+            mbs, loss_sum = list(ppo.micro_batches(batch, rows, mb_tokens)), 0.0
             for j, mb in enumerate(mbs):
                 for model, *_ in trained:  # reduce-scatter the gradients once per mini-batch, not per micro
                     model.set_requires_gradient_sync(j == len(mbs) - 1)
-                logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True)
+                logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True,
+                                                    entropy_grad=args.entropy_coef > 0)
                 # With one epoch and one mini-batch the policy that sampled is this one: old = new, detached.
                 mb.setdefault("old_logp", logp.detach())
                 values = ppo.critic_values(critic, mb, autocast) if critic else None
@@ -324,8 +323,8 @@ def update(batch):
                     loss = loss - args.entropy_coef * ppo.aggregate(ent, mb["mask"], args.loss_agg,
                                                                     args.max_response_len, denom)
                 loss.backward()
-                # losses are already each micro-batch's share of the mini-batch's; means weigh by its rows
-                w, value = len(mb["mask"]) / len(rows), loss.item()
+                # losses are already each micro-batch's share of the mini-batch's; token means weigh by its tokens
+                w, value = mb["mask"].sum().item() / max(n_tokens, 1.0), loss.item()
                 loss_sum += value
                 add("loss", value)
                 add("entropy", ppo.masked_mean(ent.detach(), mb["mask"]), w)

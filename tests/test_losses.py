@@ -441,7 +441,7 @@ def test_critic_from_tiny_qwen2(tmp_path):
     with torch.no_grad():
         v = values(ids, attn, P)
         raw = critic(input_ids=ids, attention_mask=attn).logits[..., 0]
-        assert torch.allclose(v, raw[:, P - 1 : P + T - 1])
+        assert torch.allclose(v, raw[:, P - 1 : P + T - 1], atol=1e-6)  # packed = the padded batch
         # alignment: value of response token t must not see token t. Changing response token 2 (absolute P+2)
         # leaves values[:, :3] (states before tokens 0, 1, 2) unchanged and changes values[:, 3:].
         ids2 = ids.clone()
@@ -453,3 +453,95 @@ def test_critic_from_tiny_qwen2(tmp_path):
         pad_ids = torch.cat([torch.zeros(2, 2, dtype=torch.long), ids], 1)
         pad_attn = torch.cat([torch.zeros(2, 2, dtype=torch.long), attn], 1)
         assert torch.allclose(values(pad_ids, pad_attn, P + 2), v, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed passes: no padding, the LM head only where the loss reads
+# ---------------------------------------------------------------------------------------------------------
+def _packed_batch():
+    """rollout.to_batch's layout for prompts [7 8] and [9] (left-padded to 2), responses [1 2] and [3]."""
+    import rollout
+    samples = [{"token_ids": [1, 2], "logprobs": [0.0, 0.0], "truncated": False},
+               {"token_ids": [3], "logprobs": [0.0], "truncated": False}]
+    return rollout.to_batch([[7, 8], [9]], samples, 1, 0, torch.device("cpu"))
+
+
+def test_pack_by_hand():
+    ids, positions, index, rows, cols = ppo.pack(_packed_batch())
+    # row 0: 7 8 | 1 2 (4 tokens), row 1: [pad] 9 | 3 [pad] (2 tokens) -> 6 tokens end to end
+    assert ids.tolist() == [[7, 8, 1, 2, 9, 3]]
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1]]  # restart per sequence: attention stays within it
+    # response token 1 sits at packed 2 and is predicted at 1; token 2 at 3 (from 2); token 3 at 5 (from 4)
+    assert index.tolist() == [1, 2, 4] and rows.tolist() == [0, 0, 1] and cols.tolist() == [0, 1, 0]
+
+
+def _tiny_lm(vocab=50):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab,
+                                        max_position_embeddings=128)).eval()
+
+
+def test_packed_logprobs_equal_each_sequence_alone():
+    """The specification of the packed pass: each sequence's log-probs and entropy are those of a forward over
+    that sequence alone, unpadded (prompts and responses of different lengths, so both paddings occur)."""
+    import rollout
+    model, temp = _tiny_lm(), 0.7
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 50, (n,), generator=g).tolist() for n in (5, 2, 9)]
+    samples = [{"token_ids": torch.randint(1, 50, (n,), generator=g).tolist(), "truncated": False,
+                "logprobs": [0.0] * n} for n in (4, 7, 1, 3, 6, 2)]  # 2 per prompt
+    batch = rollout.to_batch(prompts, samples, 2, 0, torch.device("cpu"))
+    logp, ent = ppo.response_logprobs(model, batch, temp, with_entropy=True)
+    assert logp.shape == ent.shape == batch["mask"].shape
+    for k, s in enumerate(samples):
+        q, r = prompts[k // 2], s["token_ids"]
+        with torch.no_grad():
+            z = model(input_ids=torch.tensor([q + r])).logits[0, len(q) - 1:-1] / temp  # predicts r
+        ref = torch.log_softmax(z, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
+        assert close(logp[k, :len(r)], ref, atol=1e-5)
+        assert close(ent[k, :len(r)], ppo.entropy_from_logits(z), atol=1e-5)
+        assert (logp[k, len(r):] == 0).all() and (ent[k, len(r):] == 0).all()  # padding: 0, not garbage
+
+
+def test_entropy_has_a_gradient_only_when_asked():
+    batch = _packed_batch()
+    model = _tiny_lm()
+    logp, ent = ppo.response_logprobs(model, batch, 1.0, with_entropy=True)
+    assert logp.requires_grad and not ent.requires_grad  # no [N, V] softmax kept for an unused bonus
+    logp2, ent2 = ppo.response_logprobs(model, batch, 1.0, with_entropy=True, entropy_grad=True)
+    assert ent2.requires_grad and close(ent, ent2.detach(), atol=1e-6) and close(logp, logp2.detach(), atol=1e-6)
+
+
+def test_micro_batches_by_token_budget():
+    # real tokens per row: 3+2, 3+4, 1+1, 2+6 = 5, 7, 2, 8; budget 12: [5 7] = 12, then [2 8] = 10
+    attn = t([[1, 1, 1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+              [0, 0, 1, 1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1, 0]]).long()
+    batch = {"attention_mask": attn, "row": torch.arange(4)}
+    parts = [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 12)]
+    assert parts == [[0, 1], [2, 3]]
+    assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.tensor([3, 0, 2]), 9)] == [[3], [0, 2]]
+    # a sequence longer than the budget goes alone; nothing is dropped or reordered
+    assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 6)] == [[0], [1], [2], [3]]
+
+
+def _equal_counts(rank, world, port, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # rank 0: 4 sequences of 3 tokens (one micro-batch of budget 12); rank 1: 4 of 10 (four micro-batches)
+    attn = torch.ones(4, 3 if rank == 0 else 10, dtype=torch.long)
+    parts = [mb["row"].tolist() for mb in ppo.micro_batches({"attention_mask": attn, "row": torch.arange(4)},
+                                                           torch.arange(4), 12)]
+    out[rank] = parts
+    dist.destroy_process_group()
+
+
+def test_micro_batches_are_as_many_on_every_rank():
+    """Each FSDP2 forward is a collective: a rank whose rows fit in fewer micro-batches splits its largest."""
+    import torch.multiprocessing as mp
+    import cli
+    out = mp.Manager().dict()
+    mp.spawn(_equal_counts, args=(2, cli.free_port(), out), nprocs=2)
+    assert out[1] == [[0], [1], [2], [3]]
+    assert out[0] == [[0], [1], [2], [3]]  # [0 1 2 3] -> [0 1] [2 3] -> [0] [1] [2 3] -> [0] [1] [2] [3]

@@ -33,7 +33,7 @@ TRAIN = os.path.join(REPO, "train.py")
 # A CPU-sized run: 2 ranks x 2 prompts x 4 samples, 16 response tokens; prompts are ~560 tokens.
 # temperature != 1 so that the sampler/trainer log-prob check also covers the temperature scaling.
 SMALL = ["--model", "tiny", "--algo", "grpo", "--batch-prompts", "4", "--group-size", "4",
-         "--max-response-len", "16", "--micro-batch", "8", "--eval-every", "2", "--eval-prompts", "4",
+         "--max-response-len", "16", "--micro-batch-tokens", "1200", "--eval-every", "2", "--eval-prompts", "4",
          "--temperature", "0.8", "--kl-coef", "0.001", "--seed", "0"]
 STEP_KEYS = {"step", "reward_mean", "acc", "response_len", "loss", "kl", "logprob_diff_max", "time_generate",
              "time_update", "time_sync"}
