@@ -312,11 +312,12 @@ def bench_gpu(a, device):
     name = "tiny" if a.dry_run else "qwen2.5-0.5b"
     path, dt = model_path(name), "bfloat16"
     a.dtype, a.dtypes, a.rollout = dt, [dt], "hf"
-    out = os.path.join(CACHE, f"gpu_{name}")
-    shutil.rmtree(out, ignore_errors=True), shutil.rmtree(out + "_resumed", ignore_errors=True)
+    out, last = os.path.join(CACHE, f"gpu_{name}"), a.steps
+    resumed = out + "_resumed"
+    for d in (out, resumed):
+        shutil.rmtree(d, ignore_errors=True)
     m = run_train(a, "grpo", path, out, ["--save-every", 1, "--keep-checkpoints", 2])
     # the resume: a fresh run folder with the checkpoint of the step before the last, as after a crash
-    last, resumed = a.steps, out + "_resumed"
     shutil.copytree(os.path.join(out, "checkpoints", f"step_{last - 1}"),
                     os.path.join(resumed, "checkpoints", f"step_{last - 1}"))
     shutil.copytree(os.path.join(out, "data"), os.path.join(resumed, "data"))  # the tasks train.py generated
@@ -326,7 +327,8 @@ def bench_gpu(a, device):
              a.timeout)
     x, y = (json.loads(open(os.path.join(d, "metrics.jsonl")).readlines()[-1]) for d in (out, resumed))
     keys = [k for k in x if isinstance(x[k], (int, float)) and not k.startswith(("time_", "mem_", "elapsed"))]
-    diff = max(abs(x[k] - y.get(k, math.inf)) / max(1.0, abs(x[k])) for k in keys)  # relative, > 1: 1 is the floor
+    num = lambda v: v if isinstance(v, (int, float)) else math.inf  # noqa: E731 (a missing or null number)
+    diff = max(abs(x[k] - num(y.get(k))) / max(1.0, abs(x[k])) for k in keys)  # relative; absolute below 1
     peak = matmul_peak(torch.bfloat16, device) * a.nproc
     r = dict(tok_s=m["tok_s"], update_tflop_s=m["update_tflop_s"], update_mfu=m["update_tflop_s"] * 1e12 / peak,
              mem_peak_gib=m["mem_peak_gib"], time_step=m["time_step"], resume_max_rel_diff=diff)

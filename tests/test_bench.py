@@ -27,6 +27,7 @@ def test_rollout_quick_json():
         assert r["ratio"] == pytest.approx(r["vllm_tok_s"] / r["hf_tok_s"])  # one rep: the median is the one
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu():
     """`bench.py gpu` is what the first lent GPU runs; its --dry-run runs the same path on the CPU with the tiny
     model (bf16, --rollout hf, 3 GRPO steps with checkpoints, step 3 again resumed from step 2), so that it cannot
