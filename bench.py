@@ -6,6 +6,7 @@ interleaved and repeated: on a shared machine, read the ratios more than the abs
     python bench.py train     # trainer tokens/s (forward + backward + AdamW) per dtype, vs the matmul peak
     python bench.py step      # train.py steps under torchrun (GRPO and PPO), split into phases
     python bench.py step --model qwen2.5-0.5b --rollout hf --dtype bfloat16 --nproc 1 --algo grpo   # on a GPU
+    python bench.py gpu       # the first check on a lent GPU (< 10 min); --dry-run: the same on CPU, tiny model
 
 --model: tiny (0.6M: the built-in base's shape, random), medium (32M: hidden 512, 8 layers, MLP 2048),
 qwen2.5-0.5b (random init in the shape of Qwen2.5-0.5B, 494M) or a transformers folder; comma-separated.
@@ -15,6 +16,7 @@ One OpenMP thread per process unless OMP_NUM_THREADS says otherwise: 2 ranks on 
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -193,14 +195,19 @@ def sync_worker(a):
         dist.destroy_process_group()
 
 
-def run_train(a, algo, path):
+def train_args(a, algo, path, out):
+    """train.py's flags for a benchmark run."""
+    dtype = ["--dtype", a.dtypes[0]] if a.dtype else []
+    return ["train.py", "--out", out, "--model", path, "--algo", algo, "--steps", a.steps, "--eval-every", 0,
+            "--rollout", a.rollout, "--batch-prompts", a.batch_prompts, "--group-size", a.group_size,
+            "--max-response-len", a.max_tokens, "--micro-batch", a.micro_batch, *dtype]
+
+
+def run_train(a, algo, path, out=None, extra=()):
     """train.py under torchrun: the mean of its step metrics after the first (warm-up) step, plus derived ones."""
     from transformers import AutoConfig, AutoTokenizer
-    out = os.path.join(CACHE, f"step_{algo}_{os.path.basename(path.rstrip('/'))}")
-    torchrun(a.nproc, ["train.py", "--out", out, "--model", path, "--algo", algo, "--steps", a.steps,
-                       "--eval-every", 0, "--rollout", a.rollout, "--batch-prompts", a.batch_prompts,
-                       "--group-size", a.group_size, "--max-response-len", a.max_tokens, "--micro-batch",
-                       a.micro_batch] + (["--dtype", a.dtypes[0]] if a.dtype else []), out + ".log", a.timeout)
+    out = out or os.path.join(CACHE, f"step_{algo}_{os.path.basename(path.rstrip('/'))}")
+    torchrun(a.nproc, train_args(a, algo, path, out) + list(extra), out + ".log", a.timeout)
     ms = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     ms = ms[1:] or ms
     m = {k: statistics.mean(x[k] for x in ms) for k in ms[0]  # numbers only (train.py logs nan as null)
@@ -296,10 +303,50 @@ def bench_step(a, device):
     return res
 
 
+def bench_gpu(a, device):
+    """The first check on a lent GPU: a Qwen2.5-0.5B-shaped random model in bf16, GRPO steps with --rollout hf
+    (the engine every GPU has) and a checkpoint after each, then the last step again resumed from the one before
+    it; peak memory, tokens/s, update MFU, and whether the resumed step equals the uninterrupted one.
+    --dry-run: the same on this machine's CPU with the tiny model, in a couple of minutes (CI runs it)."""
+    import shutil
+    name = "tiny" if a.dry_run else "qwen2.5-0.5b"
+    path, dt = model_path(name), "bfloat16"
+    a.dtype, a.dtypes, a.rollout = dt, [dt], "hf"
+    out, last = os.path.join(CACHE, f"gpu_{name}"), a.steps
+    resumed = out + "_resumed"
+    for d in (out, resumed):
+        shutil.rmtree(d, ignore_errors=True)
+    m = run_train(a, "grpo", path, out, ["--save-every", 1, "--keep-checkpoints", 2])
+    # the resume: a fresh run folder with the checkpoint of the step before the last, as after a crash
+    shutil.copytree(os.path.join(out, "checkpoints", f"step_{last - 1}"),
+                    os.path.join(resumed, "checkpoints", f"step_{last - 1}"))
+    shutil.copytree(os.path.join(out, "data"), os.path.join(resumed, "data"))  # the tasks train.py generated
+    with open(os.path.join(out, "metrics.jsonl")) as f, open(os.path.join(resumed, "metrics.jsonl"), "w") as g:
+        g.writelines(line for line in f if json.loads(line)["step"] < last)
+    torchrun(a.nproc, train_args(a, "grpo", path, resumed) + ["--save-every", 1, "--resume"], resumed + ".log",
+             a.timeout)
+    x, y = (json.loads(open(os.path.join(d, "metrics.jsonl")).readlines()[-1]) for d in (out, resumed))
+    keys = [k for k in x if isinstance(x[k], (int, float)) and not k.startswith(("time_", "mem_", "elapsed"))]
+    num = lambda v: v if isinstance(v, (int, float)) else math.inf  # noqa: E731 (a missing or null number)
+    diff = max(abs(x[k] - num(y.get(k))) / max(1.0, abs(x[k])) for k in keys)  # relative; absolute below 1
+    peak = matmul_peak(torch.bfloat16, device) * a.nproc
+    r = dict(tok_s=m["tok_s"], update_tflop_s=m["update_tflop_s"], update_mfu=m["update_tflop_s"] * 1e12 / peak,
+             mem_peak_gib=m["mem_peak_gib"], time_step=m["time_step"], resume_max_rel_diff=diff)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"train.py GRPO, --rollout hf, {dt}, {a.nproc} rank(s) on {where}: {a.batch_prompts} prompts x "
+          f"{a.group_size}, <= {a.max_tokens} tokens, {a.steps} steps + step {last} resumed from step {last - 1}; "
+          f"update MFU vs the bf16 matmul peak {peak / 1e12:.3g} TFLOP/s")
+    table({name: {dt: r}}, list(r), pct=["update_mfu"])
+    print(f"resume: step {last} {'equals' if diff <= 1e-5 else 'DIFFERS from'} the uninterrupted run's "
+          f"({len(keys)} logged numbers, max relative difference {diff:.2g})")
+    return {name: {dt: r}}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     add = p.add_argument
-    add("what", choices=["rollout", "sync", "train", "step", "_sync"], help="what to measure (_sync: sync's worker)")
+    add("what", choices=["rollout", "sync", "train", "step", "gpu", "_sync"], help="what to measure (_sync: sync's "
+      "worker)")
     add("--model", default="", help="comma-separated tiny, medium, qwen2.5-0.5b or model folders; default: "
       "tiny,medium for rollout and train, tiny for sync and step")
     add("--dtype", default="", help="comma-separated float32, bfloat16; default: both for rollout and train, "
@@ -321,6 +368,7 @@ def main():
     add("--rollout", default="vllm", choices=["vllm", "hf"], help="sync, step: train.py's --rollout")
     add("--nproc", type=int, default=2, help="sync, step: ranks (processes, GPUs) under torchrun")
     add("--timeout", type=int, default=3600, help="seconds before a torchrun child is killed")
+    add("--dry-run", action="store_true", help="gpu: on this machine's CPU, tiny model and workload (CI)")
     a = p.parse_args()
     light = a.what in ("rollout", "train")
     a.dtypes = (a.dtype or ("float32,bfloat16" if light else "float32")).split(",")
@@ -330,14 +378,22 @@ def main():
     a.max_tokens = a.max_tokens or (16 if a.quick else 64 if light else 128)
     a.micro_batch = a.micro_batch or (1 if a.what == "train" else 8)
     a.algos = a.algo.split(",")
+    if a.what == "gpu":  # one GPU, a batch that keeps the first GPU check under 10 minutes; dry run: seconds a step
+        a.nproc, a.steps = 1, 3
+        a.batch_prompts, a.group_size, a.max_tokens, a.micro_batch = (2, 2, 16, 4) if a.dry_run else (8, 8, 256, 16)
     if a.quick:
         a.reps, a.prompts, a.n, a.prompt_len, a.steps, a.batch_prompts, a.group_size = 1, 2, 2, 32, 2, 2, 2
     if a.what == "_sync":
         return sync_worker(a)
+    if a.dry_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA is initialised; torchrun's ranks inherit it
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     os.makedirs(CACHE, exist_ok=True)
     t = time.time()
-    res = {"rollout": bench_rollout, "sync": bench_sync, "train": bench_train, "step": bench_step}[a.what](a, device)
+    if a.what == "rollout" and device.type == "cuda" and len(a.models) * len(a.dtypes) > 1:
+        p.error("rollout on CUDA: one --model and one --dtype per process (vLLM's sleep mode allows one engine)")
+    run = {"rollout": bench_rollout, "sync": bench_sync, "train": bench_train, "step": bench_step, "gpu": bench_gpu}
+    res = run[a.what](a, device)
     print(f"{time.time() - t:.0f} s")
     if a.json:
         print(json.dumps({"bench": a.what, "command": " ".join(["python", *sys.argv]), "date": time.strftime(

@@ -11,6 +11,7 @@ save_training() and load_training() are collective (every rank calls them: FSDP2
 to rank 0); everything else is plain files, called on rank 0.
 """
 import ctypes
+import datetime
 import fcntl
 import hashlib
 import json
@@ -200,6 +201,11 @@ def prune(root, keep):
     return gone
 
 
+# The process group's timeout (NCCL's default: 10 minutes): while rank 0 writes a checkpoint, the other ranks wait at
+# a barrier, and a 3B PPO checkpoint (policy, critic, both optimizers: ~75 GB) can take longer than that to write.
+SAVE_TIMEOUT = datetime.timedelta(hours=1)
+
+
 def save_training(final_dir, trained, tokenizer, state, info):
     """Collective: a checkpoint of the training at final_dir, written whole or not at all (save()): the policy as
     a transformers folder (model.safetensors, config, tokenizer), optimizer.pt, trainer_state.pt (`state`, each
@@ -237,8 +243,12 @@ def load_training(ckpt_dir, trained):
     built from the checkpoint's folders) and restore this rank's RNG. Returns the saved `state`. weights_only:
     a checkpoint is data, never code that runs when it is loaded."""
     for (model, optim, sched, name), (_, file) in zip(trained, _places(ckpt_dir)):
-        osd = torch.load(os.path.join(ckpt_dir, file), map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(model, optim, osd, options=StateDictOptions(full_state_dict=True))
+        # Rank 0 reads the full state (memory-mapped) and sends each tensor in turn; every rank keeps its shard.
+        # (Read on every rank, a 3B model's AdamW state is 25 GB of host memory per rank.)
+        osd = torch.load(os.path.join(ckpt_dir, file), map_location="cpu", weights_only=True, mmap=True) \
+            if dist.get_rank() == 0 else {}
+        set_optimizer_state_dict(model, optim, osd, options=StateDictOptions(full_state_dict=True,
+                                                                             broadcast_from_rank0=True))
     state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=True)
     for (model, optim, sched, name), sd in zip(trained, state["schedulers"]):
         sched.load_state_dict(sd)

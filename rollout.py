@@ -15,11 +15,31 @@ loss); truncated is True when the response hit max_tokens without EOS. logprobs 
 tokens under softmax(logits / temperature), the same quantity train.py recomputes.
 """
 import os
+import random
 import time
 
+import numpy as np
 import torch
 
 import rewards
+
+
+def engine_kwargs(cuda, tp, kv_cache_gib, gpu_memory_utilization):
+    """vLLM engine arguments that depend on the machine (the rest are the same everywhere)."""
+    if not cuda:
+        # A fixed, small KV cache. Chunked prefill off: the CPU backend's per-request generators cannot rewind
+        # the draw it discards for a partly prefilled prompt ("CPU Generator does not use offset").
+        kw = dict(kv_cache_memory_bytes=int(kv_cache_gib * 2**30), enable_chunked_prefill=False)
+    else:
+        kw = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+    if tp > 1 or cuda:
+        # torchrun already started one process per GPU: vLLM's external launcher forms tensor-parallel groups
+        # of consecutive ranks from that world, each on the GPU of its LOCAL_RANK (the default single-process
+        # executor would put every rank's engine on GPU 0). data_parallel_size stays 1: the groups are
+        # independent replicas (vLLM's "external DP", as in veRL), not one DP group that all-reduces every
+        # engine step and runs dummy batches on idle ranks (that is for MoE models).
+        kw.update(tensor_parallel_size=tp, data_parallel_size=1, distributed_executor_backend="external_launcher")
+    return kw
 
 
 def make_engine(kind, model_path, *, dtype, device, max_model_len, seed, tp=1, kv_cache_gib=0.25,
@@ -34,20 +54,18 @@ def make_engine(kind, model_path, *, dtype, device, max_model_len, seed, tp=1, k
             raise SystemExit(f"--rollout vllm: vllm is not importable ({e}); install it (./setup.sh) "
                              "or use --rollout hf") from e
         cuda = device.type == "cuda"
-        kw = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True) if cuda else \
-            dict(kv_cache_memory_bytes=int(kv_cache_gib * 2**30))  # CPU: a fixed, small KV cache
-        if tp > 1 or cuda:
-            # torchrun already started one process per GPU: vLLM's external launcher forms tensor-parallel
-            # groups of consecutive ranks from that world (each on the GPU of its LOCAL_RANK; the default
-            # single-process executor would put every rank's engine on GPU 0), the groups being
-            # data-parallel copies that step in lockstep.
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            kw.update(tensor_parallel_size=tp, data_parallel_size=world // tp,
-                      distributed_executor_backend="external_launcher")
+        kw = engine_kwargs(cuda, tp, kv_cache_gib, gpu_memory_utilization)
+        # LLM(seed=...) reseeds python's, numpy's and torch's global generators: put back the trainer's (a resumed
+        # run restored them from its checkpoint just before). Sampling does not read them: see request_seeds.
+        state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                 torch.cuda.get_rng_state(device) if cuda else None)
         llm = vllm.LLM(model=model_path, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
                        seed=seed, max_model_len=max_model_len, enforce_eager=not cuda,
                        # processed = after temperature (and top-p): the distribution we sampled from.
                        logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kw)
+        random.setstate(state[0]), np.random.set_state(state[1]), torch.set_rng_state(state[2])
+        if cuda:
+            torch.cuda.set_rng_state(state[3], device)
         return {"kind": "vllm", "llm": llm, "tp": tp, "cuda": cuda, "dtype": dtype}
     if kind == "hf":
         from transformers import AutoModelForCausalLM
@@ -92,12 +110,11 @@ def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed):
         seed = gathered[0][1]
         gathered = [p for p, _ in gathered]
         prompts = [p for chunk in gathered for p in chunk]
-    # The engine runs in this process and samples with torch's default generator: seeding it makes the
-    # samples a function of (seed, weights, prompts), so a resumed run replays exactly. (Per-request seeds
-    # would do the same, but vLLM's CPU backend fails on them when a long batch is prefilled in chunks.)
-    torch.manual_seed(seed)
-    params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                 detokenize=False)
+    # One seed per request, a function of (seed, prompt index): the samples are a function of (seed, weights,
+    # prompts) whatever the state of the global generators, so a resumed run replays exactly. (Without it,
+    # CUDA vLLM's runner draws each request's seed from numpy's global state.)
+    params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                  detokenize=False, seed=s) for s in request_seeds(seed, len(prompts))]
     outs = engine["llm"].generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     samples = []
     for out in outs:
@@ -109,6 +126,14 @@ def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed):
         n_own = len(gathered[own]) * n
         samples = samples[offset * n: offset * n + n_own]
     return samples
+
+
+def request_seeds(seed, n_prompts):
+    """vLLM's seed for each prompt of a generate call. vLLM seeds sample j of a prompt seeded s with s + j, so
+    the prompts' seeds are hashed from (seed, prompt index) into [0, 2**62), far apart: no two samples of a run
+    share a seed (train.py's seed already differs by step and rank)."""
+    return [int(np.random.SeedSequence([seed % 2**63, i]).generate_state(1, np.uint64)[0] >> 2)
+            for i in range(n_prompts)]
 
 
 _TP_GROUPS = {}
@@ -127,6 +152,7 @@ def _tp_group(tp):
 
 @torch.no_grad()
 def _generate_hf(model, prompts, n, temperature, top_p, max_tokens, seed, eos_token_id, pad_token_id):
+    from transformers import LogitsProcessorList
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     # Left padding, so every prompt ends where generation starts.
@@ -136,18 +162,30 @@ def _generate_hf(model, prompts, n, temperature, top_p, max_tokens, seed, eos_to
         ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
     greedy = temperature == 0
+    scale = 1.0 if greedy else temperature
+    # The sampled tokens' log-probs under log_softmax(logits / temperature), the trainer's quantity, taken
+    # step by step: generate's raw logits are offered to our processor before its temperature and top-p
+    # warpers; the token sampled from them shows up as the last input id of the next call (or, for the last
+    # step, in the output). One fp32 [batch, vocab] tensor at a time, not the stack of all steps that
+    # output_logits keeps (0.6 GB per sequence of 1,024 tokens with Qwen's 151,936-token vocabulary).
+    steps, last = [], []
+
+    def record(input_ids, logits):
+        if last:
+            steps.append(last.pop().gather(-1, input_ids[:, -1:]).squeeze(-1))
+        last.append(torch.log_softmax(logits.float() / scale, dim=-1))
+        return logits
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep the trainer's RNG
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy,
                              temperature=None if greedy else temperature, top_p=None if greedy else top_p,
                              top_k=None, max_new_tokens=max_tokens, num_return_sequences=n,
                              eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                             return_dict_in_generate=True, output_logits=True)
-    new = out.sequences[:, width:].cpu()
-    # output_logits are the raw logits; the trainer's log-probs are log_softmax(logits / temperature).
-    logits = torch.stack(out.logits, dim=1).float().cpu()
-    logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
-    logp = logp.gather(-1, new[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+                             logits_processor=LogitsProcessorList([record]))
+    steps.append(last.pop().gather(-1, out[:, -1:]).squeeze(-1))
+    new = out[:, width:].cpu()
+    logp = torch.stack(steps, dim=1).cpu()
     samples = []
     for row, lp in zip(new.tolist(), logp.tolist()):
         end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
@@ -196,8 +234,10 @@ def full_weights(model, dtype):
 
 def sync_weights(engine, model):
     """Copy the trainer's weights into the engine. Collective: every rank calls it after each update."""
-    if engine["kind"] == "hf":
-        engine["model"].load_state_dict(dict(full_weights(model, engine["model"].dtype)))
+    if engine["kind"] == "hf":  # in place, one gathered parameter at a time
+        own = engine["model"].state_dict()
+        for name, t in full_weights(model, engine["model"].dtype):
+            own[name].copy_(t)
         return
     llm = engine["llm"]
     if engine["cuda"]:

