@@ -200,7 +200,8 @@ def train_args(a, algo, path, out):
     dtype = ["--dtype", a.dtypes[0]] if a.dtype else []
     return ["train.py", "--out", out, "--model", path, "--algo", algo, "--steps", a.steps, "--eval-every", 0,
             "--rollout", a.rollout, "--batch-prompts", a.batch_prompts, "--group-size", a.group_size,
-            "--max-response-len", a.max_tokens, "--micro-batch", a.micro_batch, *dtype]
+            "--max-response-len", a.max_tokens, *dtype] + (["--micro-batch-tokens", a.micro_batch_tokens] *
+                                                             bool(a.micro_batch_tokens))
 
 
 def run_train(a, algo, path, out=None, extra=()):
@@ -218,6 +219,7 @@ def run_train(a, algo, path, out=None, extra=()):
     cfg = AutoConfig.from_pretrained(path)
     seqs, seq_len = a.batch_prompts * a.group_size, m["prompt_len"] + m["response_len"]
     m["tok_s"] = seqs * seq_len / m["time_step"]  # the batch's prompt + response tokens per second of a step
+    m["trainer_tok_s"] = seqs * seq_len / (m["time_logprob"] + m["time_update"])  # of its trainer passes alone
     body = seqs * seq_len * fwd_flops(cfg, seq_len, lm_head=False)
     policy = body + seqs * m["response_len"] * 2 * cfg.hidden_size * cfg.vocab_size  # LM head: response only
     m["update_tflop_s"] = 3 * (policy + body * (algo == "ppo")) / m["time_update"] / 1e12  # (+ the critic)
@@ -251,8 +253,7 @@ def bench_train(a, device):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
         B, P, T = a.micro_batch, a.prompt_len, a.max_tokens
         ids = torch.randint(0, model.config.vocab_size, (B, P + T), device=device)
-        batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), response_ids=ids[:, P:],
-                     position_ids=torch.arange(P + T, device=device).expand(B, -1))
+        batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), response_ids=ids[:, P:])
         flops = 3 * B * (P * fwd_flops(model.config, P + T, False) + T * fwd_flops(model.config, P + T))
 
         def step(dt, batch=batch):
@@ -291,13 +292,15 @@ def bench_step(a, device):
         for algo in a.algos:
             m = run_train(a, algo, model_path(name))
             m["update_mfu"] = m["update_tflop_s"] * 1e12 / peak
-            keep = ("tok_s", "update_tflop_s", "update_mfu", "mem_peak_gib", "prompt_len", "response_len")
+            keep = ("tok_s", "trainer_tok_s", "update_tflop_s", "update_mfu", "mem_peak_gib", "prompt_len",
+                    "response_len")
             m = {k: v for k, v in m.items() if k.startswith("time_") or k in keep}
             res.setdefault(name, {})[algo] = m | {k.replace("time", "share"): m[k] / m["time_step"] for k in PHASES}
     print(f"train.py, {a.nproc} ranks, {a.batch_prompts} prompts x {a.group_size}, <= {a.max_tokens} tokens, "
           f"--rollout {a.rollout}; seconds, mean of steps 2..{a.steps}; update MFU vs {dt} peak "
           f"{peak / 1e12:.3g} TFLOP/s; time_critic (PPO) is inside time_logprob and time_update")
-    table(res, [*PHASES, "time_critic", "time_step", "tok_s", "update_mfu", "mem_peak_gib"], pct=["update_mfu"])
+    table(res, [*PHASES, "time_critic", "time_step", "tok_s", "trainer_tok_s", "update_mfu", "mem_peak_gib"],
+          pct=["update_mfu"])
     shares = [k.replace("time", "share") for k in PHASES]
     table(res, shares, pct=shares)
     return res
@@ -358,8 +361,9 @@ def main():
     add("--n", type=int, default=4, help="rollout: samples per prompt")
     add("--max-tokens", type=int, default=0, help="response tokens; 0: 64 for rollout and train, 128 for sync and "
       "step")
-    add("--micro-batch", type=int, default=0, help="train: sequences per step (0: 1); sync, step: train.py's "
-      "--micro-batch (0: 8)")
+    add("--micro-batch", type=int, default=1, help="train: sequences per step")
+    add("--micro-batch-tokens", type=int, default=0, help="sync, step, gpu: train.py's --micro-batch-tokens (0: its "
+      "auto)")
     add("--prompt-len", type=int, default=192, help="train: prompt tokens per sequence")
     add("--algo", default="grpo,ppo", help="step: comma-separated algorithms")
     add("--steps", type=int, default=3, help="sync, step: train.py steps; the first is warm-up, not averaged")
@@ -376,11 +380,10 @@ def main():
         p.error(f"--dtype {a.dtype!r}: float32, bfloat16 or both, comma-separated")
     a.models = (a.model or ("tiny,medium" if light and not a.quick else "tiny")).split(",")
     a.max_tokens = a.max_tokens or (16 if a.quick else 64 if light else 128)
-    a.micro_batch = a.micro_batch or (1 if a.what == "train" else 8)
     a.algos = a.algo.split(",")
     if a.what == "gpu":  # one GPU, a batch that keeps the first GPU check under 10 minutes; dry run: seconds a step
         a.nproc, a.steps = 1, 3
-        a.batch_prompts, a.group_size, a.max_tokens, a.micro_batch = (2, 2, 16, 4) if a.dry_run else (8, 8, 256, 16)
+        a.batch_prompts, a.group_size, a.max_tokens = (2, 2, 16) if a.dry_run else (8, 8, 256)
     if a.quick:
         a.reps, a.prompts, a.n, a.prompt_len, a.steps, a.batch_prompts, a.group_size = 1, 2, 2, 32, 2, 2, 2
     if a.what == "_sync":

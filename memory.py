@@ -48,14 +48,14 @@ def plan(n_policy, n_critic, *, world, dtype_bytes, reference, critic, unsharded
     return p
 
 
-def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vllm_share, micro_batch,
-          seqs_per_mini, device_bytes):
+def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vllm_share, micro_batch_tokens,
+          mini_batch_tokens, device_bytes):
     """(the plan's line, None) when the run fits, else (the plan's line, one line naming the flags that would
-    fit, each on its own). seqs_per_mini: sequences of a mini-batch on one rank (more than micro_batch: the
-    gradients accumulate unsharded)."""
+    fit, each on its own). mini_batch_tokens: the most tokens a mini-batch can hold on one rank (more than
+    micro_batch_tokens: the gradients accumulate unsharded over its micro-batches)."""
     def run(**kw):
         kw = {**dict(world=world, reference=kl_coef > 0, critic=algo == "ppo", vllm_share=vllm_share,
-                     unsharded_grads=seqs_per_mini > micro_batch), **kw}
+                     unsharded_grads=mini_batch_tokens > micro_batch_tokens), **kw}
         return plan(n_policy, n_critic, dtype_bytes=dtype_bytes, rollout=rollout, device_bytes=device_bytes, **kw)
 
     p = run()
@@ -65,7 +65,7 @@ def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vll
         return line, None
     fixes = []
     if p["gradients"] > 4 * n_policy / world:
-        fixes.append((f"--micro-batch {seqs_per_mini}", run(unsharded_grads=False)))
+        fixes.append((f"--micro-batch-tokens {mini_batch_tokens}", run(unsharded_grads=False)))
     if p["reference"]:
         fixes.append(("--kl-coef 0", run(reference=False)))
     if p["critic"]:
@@ -82,14 +82,15 @@ def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vll
                   f"{device_bytes / GIB:.1f} GiB; would fit: {' or '.join(fits) or 'none of the single changes'}")
 
 
-def check_run(model_path, args, world, kl_coef, dtype, device, master):
+def check_run(model_path, args, world, kl_coef, micro_batch_tokens, dtype, device, master):
     """check() for train.py's flags on this rank's GPU: rank 0 prints the plan; returns the failure line or None."""
     import torch
     gpu = torch.cuda.get_device_properties(device).total_memory
     line, problem = check(*param_counts(model_path), world=world, dtype_bytes=dtype.itemsize, algo=args.algo,
                           kl_coef=kl_coef, rollout=args.rollout, vllm_share=args.gpu_memory_utilization,
-                          micro_batch=args.micro_batch, device_bytes=gpu,
-                          seqs_per_mini=(args.mini_batch_prompts or args.batch_prompts) // world * args.group_size)
+                          micro_batch_tokens=micro_batch_tokens, device_bytes=gpu,
+                          mini_batch_tokens=(args.mini_batch_prompts or args.batch_prompts) // world * args.group_size
+                          * (args.max_prompt_len + args.max_response_len))
     if master:
         print(line, flush=True)
     return problem

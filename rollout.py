@@ -194,7 +194,7 @@ def _generate_hf(model, prompts, n, temperature, top_p, max_tokens, seed, eos_to
 
 
 def to_batch(prompts, samples, n, pad_id, device, mask_truncated=False):
-    """Pack generate()'s output into padded tensors for the trainer.
+    """generate()'s output as padded tensors (the trainer's passes drop the padding again: ppo.pack).
 
     input_ids [B, P + T]: prompt i (left-padded to P) followed by each of its n responses (right-padded to T).
     mask [B, T]: 1.0 on the response tokens that enter the loss (EOS included; with mask_truncated, none of a
@@ -216,10 +216,8 @@ def to_batch(prompts, samples, n, pad_id, device, mask_truncated=False):
         valid[k, :len(r)] = 1.0
         if not (mask_truncated and s["truncated"]):
             mask[k, :len(r)] = 1.0
-    batch = {"input_ids": ids, "attention_mask": attn,
-             # positions count real tokens only, so a left-padded prompt sits where it sat when sampled
-             "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-             "response_ids": ids[:, P:], "mask": mask, "valid": valid, "sampler_logp": sampler_logp}
+    batch = {"input_ids": ids, "attention_mask": attn, "response_ids": ids[:, P:], "mask": mask, "valid": valid,
+             "sampler_logp": sampler_logp}
     return {k: v.to(device) for k, v in batch.items()}
 
 

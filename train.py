@@ -229,8 +229,7 @@ autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not cuda and dtyp
 
 
 def load_model(path, trainable, critic=False, dtype=torch.float32):
-    # fp32 master weights (the frozen reference: the run's dtype on CUDA, which FSDP computes in anyway); the
-    # critic: the policy's architecture with a scalar value head, backbone from path
+    # fp32 master weights (a frozen reference: the run's dtype); the critic: a value head on path's backbone
     model = (ppo.build_critic if critic else AutoModelForCausalLM.from_pretrained)(path, dtype=dtype).to(device)
     if trainable and args.grad_checkpointing:
         model.gradient_checkpointing_enable()
@@ -246,7 +245,7 @@ defaults = SMALL if args.model == "tiny" or pretrained is not None else TINYZERO
 lr, critic_lr, kl_coef = (defaults[k] if getattr(args, k) == "auto" else getattr(args, k)
                           for k in ("lr", "critic_lr", "kl_coef"))  # PPO's adaptive controller changes kl_coef
 init_path = resume_dir or model_path
-if cuda and (problem := memory.check_run(model_path, args, world, kl_coef, dtype, device, master)):
+if cuda and (problem := memory.check_run(model_path, args, world, kl_coef, mb_tokens, dtype, device, master)):
     die(f"memory: {problem}")  # before anything is allocated on the GPU
 torch.manual_seed(args.seed)
 policy = load_model(init_path, trainable=True)

@@ -449,7 +449,7 @@ def test_critic_from_tiny_qwen2(tmp_path):
         v2 = values(ids2, attn, P)
         assert torch.allclose(v[:, :3], v2[:, :3], atol=1e-6)
         assert not torch.allclose(v[:, 3:], v2[:, 3:], atol=1e-6)
-        # a left-padded prompt gets the same values as the unpadded one (position_ids from attention_mask)
+        # a left-padded prompt gets the same values as the unpadded one (pack drops the padding)
         pad_ids = torch.cat([torch.zeros(2, 2, dtype=torch.long), ids], 1)
         pad_attn = torch.cat([torch.zeros(2, 2, dtype=torch.long), attn], 1)
         assert torch.allclose(values(pad_ids, pad_attn, P + 2), v, atol=1e-5)

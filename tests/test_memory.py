@@ -64,7 +64,8 @@ def test_check_fails_in_one_line_naming_the_flags_that_would_fit():
     """3B PPO on one 80 GB GPU needs 97.7 GiB: GRPO alone fits (62.6 GiB at the rollout), so does a second GPU
     (60.4 GiB at the update); --kl-coef 0 alone does not (92.0), nor any vLLM share (the update alone is 97.7)."""
     line, problem = memory.check(N3, C3, world=1, dtype_bytes=2, algo="ppo", kl_coef=1e-3, rollout="vllm",
-                                 vllm_share=0.3, micro_batch=8, seqs_per_mini=64, device_bytes=GB80)
+                                 vllm_share=0.3, micro_batch_tokens=8192, mini_batch_tokens=64 * 1280,
+                                 device_bytes=GB80)
     assert "update_peak 97.7" in line and "GPU 74.5" in line
     assert problem == ("needs 97.7 GiB per rank before activations, the GPU has 74.5 GiB; would fit: "
                        "--algo grpo or 2 GPUs")
@@ -72,8 +73,8 @@ def test_check_fails_in_one_line_naming_the_flags_that_would_fit():
 
 
 def test_check_passes_a_run_that_fits_and_names_a_smaller_vllm_share():
-    kw = dict(world=1, dtype_bytes=2, algo="grpo", kl_coef=1e-3, rollout="vllm", micro_batch=8, seqs_per_mini=64,
-              device_bytes=GB80)
+    kw = dict(world=1, dtype_bytes=2, algo="grpo", kl_coef=1e-3, rollout="vllm", micro_batch_tokens=8192,
+              mini_batch_tokens=64 * 1280, device_bytes=GB80)
     assert memory.check(N3, C3, vllm_share=0.3, **kw)[1] is None  # 62.6 GiB
     # at 0.7 the rollout needs 40.2 (resident) + 52.2 GiB, the update 51.7: a share of 0.45 (33.5 GiB) fits, as
     # does a second GPU; 0.5 (37.3 GiB) would not
