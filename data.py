@@ -2,8 +2,6 @@
 Tasks, prompts and data files for the Countdown and multiplication tasks. Imports no torch.
 
     python data.py countdown --out data/countdown --train 327680 --test 1024 --seed 0
-    python data.py countdown --out data/tiny --train 5000 --test 200 --num-counts 3 --num-range 1 9 \
-        --target-range 1 20 --template chat --format parquet
     python data.py countdown --out data/cpu --train 20000 --test 500 --num-counts 3 --num-range 1 9 \
         --target-range 10 50 --template tiny     # what the built-in base model (assets/countdown-base) knows
     python data.py multiply --out data/multiply --digits 3 3
@@ -20,11 +18,13 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import time
 from numbers import Integral
 
+import numpy as np
+
 import countdown
+import multiply
 
 CHUNK = 2048  # tasks per generator chunk; each chunk has its own seed, so output does not depend on workers
 MAX_FAILED_DRAWS = 20_000  # consecutive useless draws before a generator gives up on its options
@@ -73,8 +73,7 @@ def task_key(task):
     """What makes two tasks the same task (used so train and test never share one)."""
     if "numbers" in task:
         return countdown.key(task["target"], task["numbers"])
-    a, b = int(task["a"]), int(task["b"])
-    return ("multiply", min(a, b), max(a, b))  # 3 * 5 and 5 * 3 are the same task
+    return multiply.key(task["a"], task["b"])
 
 
 def _run_chunks(fn, n, args, workers, progress, desc):
@@ -114,40 +113,14 @@ def make_countdown(n, seed, num_counts=(3, 4), num_range=(1, 99), target_range=(
     return _run_chunks(countdown.draw, n, args, workers, progress, "countdown")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Multiplication, as TinyZero's multiply.py: each factor has d digits half the time, d-1 or d-2 otherwise
-
-def _multiply_chunk(args):
-    seed, chunk, n, digits, exact, exclude = args
-    rng = random.Random(f"multiply:{seed}:{chunk}")
-
-    def factor(d):
-        if exact:  # exactly d digits
-            return rng.randint(10 ** (d - 1), 10 ** d - 1)
-        r = rng.randint(0, 3)  # TinyZero: 0 -> d-2 digits, 1 -> d-1, 2 or 3 -> d; all ranges start at 0
-        return rng.randint(0, 10 ** max(d - 2 if r == 0 else d - 1 if r == 1 else d, 0) - 1)
-
-    tasks, failed = [], 0
-    while len(tasks) < n:
-        a, b = factor(digits[0]), factor(digits[1])
-        if exclude and task_key({"a": a, "b": b}) in exclude:
-            failed += 1
-            _need(failed <= MAX_FAILED_DRAWS, f"multiply: {MAX_FAILED_DRAWS} draws in a row were all excluded tasks "
-                  f"(digits={digits}, {len(exclude)} excluded): use more digits or fewer test tasks")
-            continue
-        failed = 0
-        tasks.append({"a": a, "b": b, "product": a * b})
-    return tasks
-
-
 def make_multiply(n, seed, digits=(3, 3), exact=False, exclude=None, workers=1, progress=False):
-    """n multiplication tasks [{'a', 'b', 'product'}]; digits=(a_digits, b_digits) are the maximum digit
-    counts (TinyZero's mix of shorter factors), or the exact ones with exact=True."""
+    """n multiplication tasks [{'a', 'b', 'product'}] (multiply.draw); digits=(a_digits, b_digits) are the maximum
+    digit counts (TinyZero's mix of shorter factors), or the exact ones with exact=True."""
     digits = tuple(digits)
     _need(len(digits) == 2 and all(1 <= d <= 100 for d in digits), f"multiply: digits must be two counts in 1..100, "
                                                                     f"got {digits}")
-    args = (seed, digits, exact, frozenset(exclude or ()))
-    return _run_chunks(_multiply_chunk, n, args, workers, progress, "multiply")
+    args = (seed, digits, exact, frozenset(exclude or ()), MAX_FAILED_DRAWS)
+    return _run_chunks(multiply.draw, n, args, workers, progress, "multiply")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,22 +164,6 @@ def prompt_text(row, tokenizer=None):
             raise ValueError("a 'chat' template row needs a tokenizer (its chat template renders the prompt)")
         return tokenizer.apply_chat_template(list(row["prompt"]), add_generation_prompt=True, tokenize=False)
     return "".join(m["content"] for m in row["prompt"])
-
-
-def encode_prompts(rows, tokenizer, max_len, drop_long=False, split="train", chunk=4096):
-    """Token ids of each row's prompt (prompt_text, no special tokens added), tokenized chunk by chunk and kept as
-    int32 arrays: ~4 bytes a token where a Python list costs ~8-36. Prompts longer than max_len raise ValueError
-    (how many, the longest) or, with drop_long, are dropped. Returns (rows kept, their ids, how many dropped)."""
-    import numpy as np
-    ids = []
-    for start in range(0, len(rows), chunk):
-        texts = [prompt_text(r, tokenizer) for r in rows[start:start + chunk]]
-        ids += [np.array(x, dtype=np.int32) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    long = {i for i, x in enumerate(ids) if len(x) > max_len}
-    _need(not long or drop_long, f"{len(long)} of {len(rows)} {split} prompts are longer than --max-prompt-len "
-          f"{max_len} (longest {max(len(ids[i]) for i in long or [0])} tokens); raise it or pass --long-prompts drop")
-    keep = [i for i in range(len(rows)) if i not in long]
-    return [rows[i] for i in keep], [ids[i] for i in keep], len(long)
 
 
 def make_splits(task, n_train, n_test, seed, template="base", workers=1, progress=False, **options):
@@ -304,19 +261,17 @@ def _check(row):
 
 def _check_all(path, unit, records, parse=None):
     """_check() each (number, record), after parse(record, index) if given; errors name file, line/row, problem."""
-    rows = []
-    for n, r in records:
+    for index, (n, r) in enumerate(records):
         try:
-            rows.append(_check(parse(r, len(rows)) if parse else r))
+            yield _check(parse(r, index) if parse else r)
         except ValueError as e:
             raise ValueError(f"{path}: {unit} {n}: {e}") from None
-    return rows
 
 
-def load_rows(path):
-    """Rows from a .jsonl or .parquet file: our rows, TinyZero's, or raw Countdown-Tasks-3to4 (target, nums;
-    turned into base-template rows). Every row is checked. Errors are one line naming the file, the line or
-    row, and the problem: ValueError, or FileNotFoundError for a missing file."""
+def iter_rows(path):
+    """Rows from a .jsonl or .parquet file, one at a time, never the whole file in memory: our rows, TinyZero's, or
+    raw Countdown-Tasks-3to4 (target, nums; turned into base-template rows). Every row is checked. Errors are one
+    line naming the file, the line or row, and the problem: ValueError, or FileNotFoundError for a missing file."""
     path = str(path)
     _need(path.endswith((".jsonl", ".parquet")), f"{path}: unknown file type; expected .jsonl or .parquet")
     if not os.path.exists(path):
@@ -341,23 +296,75 @@ def load_rows(path):
         return r
 
     try:
-        if path.endswith(".jsonl"):  # read as bytes, line by line: a 300 MB file is never held whole
+        if path.endswith(".jsonl"):  # read as bytes, line by line
             with open(path, "rb") as f:
                 lines = enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1)
-                rows = _check_all(path, "line", ((n, line) for n, line in lines if line.strip()), parse)
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq  # lazily: pyarrow takes ~0.3 s to import
-            try:
-                table = pq.read_table(path).to_pylist() if os.path.getsize(path) else []
-            except (pa.ArrowException, OSError) as e:  # not parquet, truncated, damaged
-                why = " ".join(str(e).replace(f"Could not open Parquet input source '{path}': ", "").split())
-                raise ValueError(f"{path}: not a readable parquet file: {why}") from None
-            rows = _check_all(path, "row", enumerate(table), parse)
+                yield from _check_all(path, "line", ((n, line) for n, line in lines if line.strip()), parse)
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq  # lazily: pyarrow takes ~0.3 s to import
+        try:  # in batches of 65,536 rows: a whole table as Python dicts would cost ~3 KB a row
+            batches = pq.ParquetFile(path).iter_batches(65536) if os.path.getsize(path) else []
+            rows = (r for batch in batches for r in batch.to_pylist())
+            yield from _check_all(path, "row", enumerate(rows), parse)
+        except (pa.ArrowException, OSError) as e:  # not parquet, truncated, damaged
+            why = " ".join(str(e).replace(f"Could not open Parquet input source '{path}': ", "").split())
+            raise ValueError(f"{path}: not a readable parquet file: {why}") from None
     except OSError as e:  # a folder, no permission, a disk error
         raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def load_rows(path):
+    """iter_rows(path) as a list; ValueError for a file without rows."""
+    rows = list(iter_rows(path))
     _need(rows, f"{path}: no rows")
     return rows
+
+
+class Split:
+    """A split as train.py holds it, read from a file (iter_rows: its checks and errors): each row as compact JSON
+    in one buffer (~0.85 KB a TinyZero Countdown row, where a dict costs ~3 KB), its dict built when asked for. Token
+    ids are made per batch (a few ms a step), not held, so every rank can hold every row (docs/benchmarks.md)."""
+
+    def __init__(self, path):
+        self.name, buf, ends = os.path.basename(str(path)).split(".")[0], bytearray(), [0]
+        for row in iter_rows(path):
+            buf += json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode()
+            ends.append(len(buf))
+        _need(len(ends) > 1, f"{path}: no rows")
+        self.buf, self.ends, self.keep = buf, np.array(ends), np.arange(len(ends) - 1)  # keep: see keep_short
+
+    def __len__(self):
+        return len(self.keep)
+
+    def batch(self, idx, tokenizer, kept=True):
+        """(row dicts, prompt token ids) at positions idx of the kept rows (of all the file's rows with kept=False).
+        The ids come from the tokenizer's Rust backend where it has one: the ids of calling the tokenizer (no special
+        tokens added), in half the time (no offsets, no masks, no BatchEncoding)."""
+        rows = [json.loads(self.buf[self.ends[j]:self.ends[j + 1]]) for j in (self.keep[idx] if kept else idx)]
+        texts, fast = [prompt_text(r, tokenizer) for r in rows], getattr(tokenizer, "backend_tokenizer", None)
+        if fast is None or fast.padding or fast.truncation:  # as a tokenizer.json may set; calling the tokenizer
+            return rows, tokenizer(texts, add_special_tokens=False)["input_ids"]  # unsets them (for the next batch)
+        return rows, [e.ids for e in fast.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def count_tokens(self, tokenizer, shard=0, shards=1, chunk=4096):
+        """The prompt token count of every row, counted only for every shards-th row from shard (0 elsewhere: the
+        shards' counts sum to all counts), chunk by chunk."""
+        counts = np.zeros(len(self.ends) - 1, dtype=np.int32)
+        for c in range(shard, len(counts), chunk * shards):
+            js = np.arange(c, min(c + chunk * shards, len(counts)), shards)
+            counts[js] = [len(x) for x in self.batch(js, tokenizer, kept=False)[1]]
+        return counts
+
+    def keep_short(self, counts, max_len, drop_long=False, say=None):
+        """Keep the rows whose prompts have at most max_len tokens (counts: count_tokens' of all shards); longer
+        ones raise ValueError (how many, the longest) or, with drop_long, are dropped, and say(a line) says so."""
+        long = counts > max_len
+        _need(not long.any() or drop_long, f"{long.sum()} of {len(counts)} {self.name} prompts are longer than "
+              f"--max-prompt-len {max_len} (longest {counts.max()} tokens); raise it or pass --long-prompts drop")
+        self.keep = np.flatnonzero(~long)
+        if long.any() and say:
+            say(f"dropping {long.sum()} of {len(counts)} {self.name} prompts longer than {max_len} tokens")
 
 
 def write_rows(rows, path):
@@ -365,7 +372,7 @@ def write_rows(rows, path):
     not at all (written beside it, then renamed), so a killed writer leaves no half file to be read later."""
     path = str(path)
     _need(path.endswith((".jsonl", ".parquet")), f"{path}: unknown file type; expected .jsonl or .parquet")
-    rows = _check_all(path, "row", enumerate(rows))
+    rows = list(_check_all(path, "row", enumerate(rows)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     if path.endswith(".jsonl"):

@@ -15,12 +15,11 @@ import data
 import rollout
 
 
-def validate(engine, tokenizer, rows, ids, step, args, allreduce):
+def validate(engine, tokenizer, split, step, args, allreduce):
     """Collective: every rank scores its share of the test prompts; allreduce (train.py's) sums over ranks.
-    rows, ids: the test split and its prompt token ids (data.encode_prompts). Returns the metrics."""
+    split: the test split (data.Split). Returns the metrics."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    idx = list(range(len(rows)))[: args.eval_prompts or None][rank::world]
-    rows, prompts = [rows[i] for i in idx], [ids[i].tolist() for i in idx]
+    rows, prompts = split.batch(list(range(len(split)))[: args.eval_prompts or None][rank::world], tokenizer)
     out = {}
     for name, temp in (("val", args.temperature), ("val_greedy", 0.0))[0 if args.eval_sampled else 1:]:
         samples, texts, scores, _ = rollout.sample_and_score(engine, tokenizer, rows, prompts, n=1, temperature=temp,

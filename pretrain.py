@@ -39,6 +39,8 @@ import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 
 import torch
@@ -91,7 +93,14 @@ def save(model, tok, path, dtype=torch.float32, info=None):
 
 
 def build_tiny_model(path, seed=0, hidden=128, layers=4, heads=4, kv_heads=2):
-    """Write a transformers folder (config, safetensors, tokenizer) with a tiny random Qwen2 to path."""
+    """Write a transformers folder (config, safetensors, tokenizer) with a tiny random Qwen2 to path. A rank other
+    than 0 of a process group (train.py's on a second node) builds it in a process of its own: there,
+    transformers' save_pretrained writes neither config nor weights (only global rank 0 saves)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        call = f"build_tiny_model({os.path.abspath(path)!r}, {seed}, {hidden}, {layers}, {heads}, {kv_heads})"
+        subprocess.run([sys.executable, "-c", "import pretrain; pretrain." + call], check=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+        return
     save(*make_tiny(seed, hidden, layers, heads, kv_heads), path)
 
 

@@ -36,10 +36,10 @@ import rollout
 
 def die(msg):
     """One clear line, then exit: bad input must fail before any heavy work."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # on every node: each torchrun shows why
         print(f"train.py: error: {msg}", file=sys.stderr, flush=True)
     else:
-        time.sleep(3)  # let rank 0 print first: torchrun stops the other ranks as soon as one exits
+        time.sleep(3)  # let local rank 0 print first: torchrun stops the other ranks as soon as one exits
     sys.exit(2)
 
 
@@ -159,8 +159,6 @@ for bad, msg in (
 ):
     if bad:
         die(msg)
-if args.model != "tiny" and (problem := checkpoint.model_problem(args.model)):
-    die(f"--model {args.model!r} {problem}; give a local transformers folder or 'tiny'")
 try:
     os.makedirs(args.out, exist_ok=True)
 except OSError as e:
@@ -187,39 +185,42 @@ if resume_dir and start_step == args.steps:
 made = os.path.join(args.model, "pretrain.json")
 pretrained = json.load(open(made))["args"] if os.path.isfile(made) else None
 
-# data: with --data empty, rank 0 generates the built-in default's tasks into OUT/data; every rank reads them
+# The default data (OUT/data) and tiny model: made by rank 0, then by the local rank 0 of each node still missing
+# them (a node-local OUT); a shared OUT has them by then, so there are never two writers at once.
 data_dir = args.data or os.path.join(args.out, "data")
-if master and not args.data:
-    data.default_splits(data_dir, args.seed, pretrained)
-dist.barrier()
-try:
-    train_rows, test_rows = (data.load_rows(data.find_split(data_dir, split)) for split in ("train", "test"))
-except (FileNotFoundError, ValueError) as e:
-    die(f"--data {data_dir!r}: {e}")
-
 model_path = os.path.join(args.out, "tiny_model") if args.model == "tiny" else args.model
-if args.model == "tiny" and master and not os.path.exists(model_path):
-    pretrain.build_tiny_model(model_path, seed=args.seed)
-dist.barrier()
+for turn in (master, local_rank == 0 and not master):
+    if turn and not args.data:
+        data.default_splits(data_dir, args.seed, pretrained)
+    dist.barrier()
+try:  # every rank holds every row, compactly; the first problem of any rank (nodes can differ) stops them all
+    train, test = (data.Split(data.find_split(data_dir, split)) for split in ("train", "test"))
+    problem = resume_dir and not os.path.isdir(resume_dir) and f"--resume: {resume_dir} is not on this node (rank 0 " \
+        "writes checkpoints into its own --out): give every node one shared --out, or copy it to each"
+except (FileNotFoundError, ValueError) as e:
+    problem = f"--data {data_dir!r}: {e}"
+if args.model != "tiny" and (why := checkpoint.model_problem(args.model)):  # named first
+    problem = f"--model {args.model!r} {why}; give a local transformers folder or 'tiny'"
+dist.all_gather_object(found := [None] * world, problem and f"rank {rank} ({os.uname()[1]}): " * (rank > 0) + problem)
+if any(found):
+    die(next(filter(None, found)))
+for turn in (master, local_rank == 0 and not master):  # after the data checks: nothing heavy before them
+    if turn and args.model == "tiny" and not os.path.exists(model_path):
+        pretrain.build_tiny_model(model_path, seed=args.seed)
+    dist.barrier()
+from transformers import AutoModelForCausalLM, AutoTokenizer, logging  # noqa: E402 (a slow import: after the checks)
 
-import transformers  # noqa: E402 (a slow import: after the checks)
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-transformers.utils.logging.disable_progress_bar()
+logging.disable_progress_bar()
 tokenizer = AutoTokenizer.from_pretrained(model_path)
 pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-
-drop = args.long_prompts == "drop"
-try:  # prompts as token ids, checked against --max-prompt-len
-    train_rows, train_ids, dropped = data.encode_prompts(train_rows, tokenizer, args.max_prompt_len, drop, "train")
-    test_rows, test_ids, dropped_test = data.encode_prompts(test_rows, tokenizer, args.max_prompt_len, drop, "test")
+try:  # prompt tokens against --max-prompt-len: each rank counts a 1/world share of the rows, summed over ranks
+    for split in (train, test):
+        dist.all_reduce(counts := torch.from_numpy(split.count_tokens(tokenizer, rank, world)).to(device))
+        split.keep_short(counts.cpu().numpy(), args.max_prompt_len, args.long_prompts == "drop", master and print)
 except ValueError as e:
     die(str(e))
-for n, split, kept in ((dropped, "train", train_rows), (dropped_test, "test", test_rows)):
-    if n and master:
-        print(f"dropping {n} of {n + len(kept)} {split} prompts longer than {args.max_prompt_len} tokens")
-if len(train_rows) < args.batch_prompts:
-    die(f"{len(train_rows)} train prompts are fewer than --batch-prompts {args.batch_prompts}")
+if len(train) < args.batch_prompts:
+    die(f"{len(train)} train prompts are fewer than --batch-prompts {args.batch_prompts}")
 
 # ----------------------------------------------------------------------------------------------------------
 # models: policy (trained), reference (frozen, only for the KL term), critic (PPO); FSDP2 shards all three
@@ -282,11 +283,10 @@ def per_micro_batch(fn, batch):
 
 
 def batch_indices(step):
-    """This rank's prompt indices at a step: a fresh permutation of the train set each epoch, by seed.
-
-    A function of (seed, step) alone, so resuming at step N replays the same data order."""
-    epoch, k = divmod(step, len(train_rows) // args.batch_prompts)
-    order = np.random.default_rng([args.seed, epoch]).permutation(len(train_rows))
+    """This rank's prompt indices at a step: a fresh permutation of the train set each epoch, by seed. A function of
+    (seed, step) alone, so resuming at step N replays the same data order."""
+    epoch, k = divmod(step, len(train) // args.batch_prompts)
+    order = np.random.default_rng([args.seed, epoch]).permutation(len(train))
     per_rank = args.batch_prompts // world
     start = k * args.batch_prompts + rank * per_rank
     return order[start:start + per_rank].tolist()
@@ -384,14 +384,14 @@ if master and resume_dir:
 elif master and os.path.exists(metrics_path):
     os.remove(metrics_path)  # a fresh run starts a fresh log
 if args.eval_every and start_step == 0:
-    log({"step": 0, **evaluate.validate(engine, tokenizer, test_rows, test_ids, 0, args, allreduce)})  # the baseline
+    log({"step": 0, **evaluate.validate(engine, tokenizer, test, 0, args, allreduce)})  # the baseline
 bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master,
            dynamic_ncols=True)
 for step in bar:
     # 1. rollout: group-size responses for each of this rank's prompts, and their rewards -------------------
     t0 = time.time()
     idx = batch_indices(step)
-    rows, prompts = [train_rows[i] for i in idx], [train_ids[i].tolist() for i in idx]
+    rows, prompts = train.batch(idx, tokenizer)
     samples, texts, scores, time_reward = rollout.sample_and_score(
         engine, tokenizer, rows, prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
         max_tokens=args.max_response_len, seed=args.seed + 10**6 * step + 10**4 * rank)
@@ -435,7 +435,7 @@ for step in bar:
         kl_coef = ppo.update_kl_coef(kl_coef, m["kl"], args.kl_target, args.kl_horizon,
                                      args.batch_prompts * args.group_size)
     if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-        m.update(evaluate.validate(engine, tokenizer, test_rows, test_ids, step + 1, args, allreduce))
+        m.update(evaluate.validate(engine, tokenizer, test, step + 1, args, allreduce))
     bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['acc']:.2f}")
     log(m)  # before the checkpoint: a kill between the two redoes this step on resume, and trim_log drops its line
     if skipped_steps >= args.max_skipped_steps:

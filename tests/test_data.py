@@ -259,6 +259,50 @@ def test_bad_files_give_one_line_naming_file_and_line(tmp_path, monkeypatch):
         one_line_error(ValueError, data.load_rows, bad, match=r"bad\.parquet: not a readable parquet file: ")
 
 
+@pytest.mark.parametrize('ext', ['jsonl', 'parquet'])
+def test_split_holds_rows_compactly_and_tokenizes_per_batch(tmp_path, ext):
+    """data.Split, train.py's holder of a split: the rows as load_rows reads them, the prompt ids the tokenizer
+    gives, token counts that add up over shards, and --max-prompt-len's fail or drop."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(data.__file__), 'assets', 'countdown-base'))
+    # 'tiny' prompts: "Using the numbers [1, 2, 3], create an equation that equals 6.\n<think>" is 70 bytes, and
+    # this tokenizer (byte-level, no merges) makes a token of each byte: [8, 3, 8, 3] and 24 add 3 + 1, [2, 5] and
+    # 10 take 3 and add 1. The chat row is rendered by the tokenizer's chat template.
+    tasks = [{'target': 6, 'numbers': [1, 2, 3]}, {'target': 24, 'numbers': [8, 3, 8, 3]},
+             {'target': 10, 'numbers': [2, 5]}, {'target': 12, 'numbers': [3, 4]}]
+    rows = [data.countdown_row(t, 'chat' if i == 3 else 'tiny', 'train', i) for i, t in enumerate(tasks)]
+    path = tmp_path / f'train.{ext}'
+    data.write_rows(rows, path)
+    split = data.Split(path)
+    assert len(split) == 4 and split.name == 'train'
+    # its tokenizer.json pads (left, to the longest): the first batch calls the tokenizer, which unsets that, and
+    # later ones go to the Rust backend straight; both give the same ids
+    assert tok.backend_tokenizer.padding is not None
+    got, ids = split.batch([0, 1, 2, 3], tok)
+    assert tok.backend_tokenizer.padding is None
+    assert got == data.load_rows(path) == rows
+    assert ids == [tok(data.prompt_text(r, tok), add_special_tokens=False)['input_ids'] for r in rows]
+    chat = len(ids[3])
+    assert chat > 74
+    counts = split.count_tokens(tok)
+    assert counts.tolist() == [70, 74, 68, chat]
+    # each rank counts every world-th row; the sum over ranks is every count
+    assert split.count_tokens(tok, 0, 3).tolist() == [70, 0, 0, chat]
+    assert (split.count_tokens(tok, 0, 3) + split.count_tokens(tok, 1, 3) + split.count_tokens(tok, 2, 3) ==
+            counts).all()
+    one_line_error(ValueError, split.keep_short, counts, 72, match=re.escape(
+        f"2 of 4 train prompts are longer than --max-prompt-len 72 (longest {chat} tokens); raise it or pass "
+        "--long-prompts drop"))
+    said = []
+    split.keep_short(counts, 72, drop_long=True, say=said.append)
+    assert said == ["dropping 2 of 4 train prompts longer than 72 tokens"]
+    assert len(split) == 2 and split.batch([0, 1], tok) == ([rows[0], rows[2]], [ids[0], ids[2]])
+    # one buffer of compact JSON: fewer bytes than the jsonl file (which has spaces), a few numbers beside it
+    assert len(split.buf) < len(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows).encode())
+    (tmp_path / 'test.jsonl').write_text('')
+    one_line_error(ValueError, data.Split, tmp_path / 'test.jsonl', match=r"test\.jsonl: no rows")
+
+
 def test_cli(tmp_path, capsys):
     out = tmp_path / 'cd'
     data.main(['countdown', '--out', str(out), '--train', '60', '--test', '12', '--seed', '3',
