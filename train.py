@@ -31,6 +31,7 @@ import evaluate
 import grpo
 import ppo
 import pretrain
+import prime
 import rollout
 
 def die(msg):
@@ -66,13 +67,16 @@ g.add_argument("--seed", type=int, default=0, help="seed of data order, sampling
 g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="training and rollout "
                "dtype; auto: bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU: autocast, fp32 master weights)")
 g = p.add_argument_group("rollout")
-g.add_argument("--algo", default="grpo", choices=["ppo", "grpo"], help="ppo: critic + GAE (TinyZero's); grpo: "
-               "group-relative advantages")
+g.add_argument("--algo", default="grpo", choices=["ppo", "grpo", "rloo", "reinforce++", "prime"], help="ppo: critic "
+               "+ GAE (TinyZero's); grpo: group-relative; rloo: leave-one-out; reinforce++: whitened returns of "
+               "score - KL; prime: + an implicit process reward model (docs/algorithms.md)")
 g.add_argument("--batch-prompts", type=POSITIVE, default=8, help="prompts per step over all ranks (TinyZero: 256)")
 g.add_argument("--group-size", type=POSITIVE, default=16, help="responses sampled per prompt (GRPO's group)")
 g.add_argument("--max-response-len", type=POSITIVE, default=384, help="response tokens; longer ones are cut")
 g.add_argument("--temperature", type=COEF, default=1.0, help="sampling temperature; log-probs use the same")
 g.add_argument("--top-p", type=SHARE, default=1.0, help="nucleus sampling (not in the log-probs: keep 1.0)")
+g.add_argument("--dynamic-sampling", type=COUNT, default=0, help="DAPO: drop groups whose scores are all equal and "
+               "sample that many more prompts, up to this many extra rounds a step (0: off)")
 g.add_argument("--rollout", default="vllm", choices=["vllm", "hf"], help="in-process vLLM, or transformers")
 g.add_argument("--rollout-tp", type=POSITIVE, default=1, help="tensor parallel size of the vLLM engine (GPU)")
 g.add_argument("--kv-cache-gib", type=ABOVE_0, default=0.25, help="vLLM's KV cache on CPU")
@@ -90,6 +94,8 @@ g.add_argument("--grad-clip", type=COEF, default=1.0, help="clip the global grad
 g.add_argument("--clip-low", type=UNIT, default=0.2, help="ratio clip: ratio >= 1 - clip_low")
 g.add_argument("--clip-high", type=COEF, default=0.2, help="ratio clip: ratio <= 1 + clip_high (DAPO: 0.28)")
 g.add_argument("--loss-agg", default="token-mean", choices=list(ppo.LOSS_AGG_MODES), help="see ppo.aggregate")
+g.add_argument("--tis-cap", type=COEF, default=0.0, help="truncated importance sampling: weigh each token by "
+               "min(pi_old / pi_sampler, cap), cap > 1 (0: off)")
 g.add_argument("--mask-truncated", action="store_true", help="leave truncated responses out of the loss")
 g.add_argument("--kl-coef", type=cli.number(float, 0, auto=True), default="auto", help=f"KL to the reference; auto: "
                f"{SMALL['kl_coef']:g} for our small models, {TINYZERO['kl_coef']:g} (TinyZero) for any other; 0: "
@@ -110,6 +116,8 @@ g.add_argument("--kl-horizon", type=POSITIVE, default=10000, help="adaptive KL: 
 g = p.add_argument_group("GRPO")
 g.add_argument("--no-std-scale", action="store_true", help="do not divide by the group's std (Dr. GRPO)")
 g.add_argument("--kl-estimator", default="k3", choices=list(ppo.KL_ESTIMATORS), help="the KL loss estimator")
+g.add_argument("--prm-beta", type=ABOVE_0, default=0.05, help="PRIME: implicit reward beta * log(pi_prm / pi_ref); "
+               "the PRM learns at --lr")
 g = p.add_argument_group("validation and logs")
 g.add_argument("--eval-every", type=COUNT, default=10, help="validate every K steps, first and last (0: off)")
 g.add_argument("--eval-prompts", type=COUNT, default=500, help="test prompts per validation (0: all)")
@@ -124,7 +132,8 @@ g.add_argument("--resume", action="store_true", help="continue from the newest w
 g.add_argument("--force-resume", action="store_true", help="resume even where flags that define the run "
                f"({', '.join('--' + k.replace('_', '-') for k in RUN_DEFINING)}) differ from the checkpoint's")
 args = p.parse_args()
-algo = {"ppo": ppo, "grpo": grpo}[args.algo]  # the algorithm: advantages() and loss(); the loop is shared
+# the algorithm: advantages() and loss(); the loop is shared. grpo.py holds RLOO and REINFORCE++ too
+algo = {"ppo": ppo, "grpo": grpo, "rloo": grpo, "reinforce++": grpo, "prime": prime}[args.algo]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,8 +156,12 @@ for bad, msg in (
     (args.batch_prompts % world, f"--batch-prompts {args.batch_prompts} does not split over {world} ranks"),
     (args.batch_prompts % mini or mini % world, f"--mini-batch-prompts {mini} must divide --batch-prompts "
      f"{args.batch_prompts} and split over {world} ranks"),
-    (args.algo == "grpo" and args.group_size < 2, "--group-size 1 with --algo grpo: a group of one has no relative "
-     "advantage (use >= 2, or --algo ppo)"),
+    (args.algo in ("grpo", "rloo", "prime") and args.group_size < 2, f"--group-size 1 with --algo {args.algo}: a "
+     "group of one has no relative advantage (use >= 2, or --algo ppo or reinforce++)"),
+    (args.dynamic_sampling and args.group_size < 2, "--dynamic-sampling drops groups of equal scores: a group of one"),
+    (0 < args.tis_cap <= 1, f"--tis-cap {args.tis_cap:g} must be > 1 (min(ratio, cap) <= 1 only ever down-weighs)"),
+    (args.tis_cap and args.top_p < 1, "--tis-cap with --top-p < 1: the sampler's log-probs leave the nucleus out"),
+    (args.algo == "prime" and args.resume, "--resume with --algo prime: the PRM is not checkpointed yet"),
     (world % args.rollout_tp, f"--rollout-tp {args.rollout_tp} must divide the number of ranks {world}"),
     (args.temperature == 0 and args.group_size > 1, "--temperature 0 is greedy: the same response n times"),
     (args.kl_ctrl == "adaptive" and args.algo != "ppo", "--kl-ctrl adaptive steers PPO's KL reward: use --algo ppo"),
@@ -243,7 +256,7 @@ lr, critic_lr, kl_coef = (defaults[k] if getattr(args, k) == "auto" else getattr
 init_path = resume_dir or model_path
 torch.manual_seed(args.seed)
 policy = load_model(init_path, trainable=True)
-ref = load_model(model_path, trainable=False) if kl_coef > 0 else None
+ref = load_model(model_path, trainable=False) if kl_coef > 0 or args.algo == "prime" else None
 critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_path, trainable=True,
                     critic=True) if args.algo == "ppo" else None
 warmup = lambda s: min(1.0, (s + 1) / (args.warmup + 1))  # noqa: E731
@@ -254,6 +267,9 @@ for model, model_lr, name in ((policy, lr, "grad_norm"), (critic, critic_lr, "cr
         trained.append((model, optim, torch.optim.lr_scheduler.LambdaLR(optim, warmup), name))
 if resume_dir:
     kl_coef = checkpoint.load_training(resume_dir, trained)["kl_coef"]
+if args.algo == "prime":  # the implicit PRM: the policy's starting weights, sharded alike, its own optimizer
+    prm = load_model(model_path, trainable=True)
+    prime.use(prm, torch.optim.AdamW(prm.parameters(), lr=lr, weight_decay=args.weight_decay), autocast)
 
 engine = rollout.make_engine(args.rollout, init_path, dtype=dtype, device=device, seed=args.seed,
                              max_model_len=args.max_prompt_len + args.max_response_len, tp=args.rollout_tp,
@@ -279,6 +295,15 @@ def micro_batches(batch, idx, size):
 def per_micro_batch(fn, batch):
     """fn(micro-batch) over the whole batch, in order, concatenated: the passes before the update."""
     return torch.cat([fn(mb) for mb in micro_batches(batch, torch.arange(len(batch["mask"])), args.micro_batch)])
+
+
+def sample(idx, seed):
+    """group-size responses to each of this rank's prompts idx, scored: (prompts, samples, scores, seconds scoring)."""
+    rows, prompts = [train_rows[i] for i in idx], [train_ids[i].tolist() for i in idx]
+    samples, _, scores, seconds = rollout.sample_and_score(
+        engine, tokenizer, rows, prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
+        max_tokens=args.max_response_len, seed=seed)
+    return prompts, samples, scores, seconds
 
 
 def batch_indices(step):
@@ -388,11 +413,10 @@ bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, 
 for step in bar:
     # 1. rollout: group-size responses for each of this rank's prompts, and their rewards -------------------
     t0 = time.time()
-    idx = batch_indices(step)
-    rows, prompts = [train_rows[i] for i in idx], [train_ids[i].tolist() for i in idx]
-    samples, texts, scores, time_reward = rollout.sample_and_score(
-        engine, tokenizer, rows, prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
-        max_tokens=args.max_response_len, seed=args.seed + 10**6 * step + 10**4 * rank)
+    prompts, samples, scores, time_reward, dynamic_stats = grpo.dynamic_sample(  # one round without --dynamic-sampling
+        lambda idx, r: sample(idx, args.seed + 10**6 * step + 10**4 * rank + r), batch_indices(step), args.group_size,
+        args.dynamic_sampling, lambda r, k: np.random.default_rng([args.seed, step, rank, r]).choice(
+            len(train_rows), k).tolist(), lambda short: allreduce({"s": short}, op=dist.ReduceOp.MAX)["s"] > 0)
     rollout.sleep(engine)
     t1 = time.time()
     # 2. log-probs and advantages -----------------------------------------------------------------------------
@@ -421,12 +445,13 @@ for step in bar:
     mem = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tot = allreduce({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
                      "len": sum(len(x["token_ids"]) for x in samples), "trunc": sum(x["truncated"] for x in samples),
-                     "gap_sum": gap_sum, "gap_n": batch["valid"].sum().item(), **algo_stats, **update_stats})
+                     "gap_sum": gap_sum, "gap_n": batch["valid"].sum().item(), **algo_stats, **update_stats,
+                     **dynamic_stats})
     peak = allreduce({"logprob_diff_max": gap_max, "mem_peak_gib": mem / 2**30}, op=dist.ReduceOp.MAX)
     n = tot["n"]
     m = {"step": step + 1, "reward_mean": tot["reward"] / n, "acc": tot["acc"] / n, "response_len": tot["len"] / n,
          "truncated_frac": tot["trunc"] / n, **peak, "logprob_diff_mean": tot["gap_sum"] / max(tot["gap_n"], 1),
-         **{k: tot[k] / world for k in (*algo_stats, *update_stats)},  # means of the ranks' means
+         **{k: tot[k] / world for k in (*algo_stats, *update_stats, *dynamic_stats)},  # means of the ranks' means
          "lr": trained[0][2].get_last_lr()[0], "time_generate": t1 - t0 - time_reward, "time_reward": time_reward,
          "time_logprob": t2 - t1, "time_update": t3 - t2, "time_sync": t4 - t3}
     if args.kl_ctrl == "adaptive" and "kl" in m:
