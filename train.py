@@ -399,8 +399,9 @@ def log(m):
 from tqdm import tqdm  # noqa: E402 (the progress bar)
 
 # With one epoch and one mini-batch the update's own forward gives the old log-probs (see update()); otherwise
-# they are computed before it. PPO's KL reward reads them before the update too.
-old_logp_first = args.epochs_per_batch > 1 or mini < args.batch_prompts or (critic is not None and ref is not None)
+# they are computed before it. PPO's and REINFORCE++'s KL rewards read them before the update too.
+old_logp_first = args.epochs_per_batch > 1 or mini < args.batch_prompts or (
+    args.algo in ("ppo", "reinforce++") and ref is not None)
 updates_per_step, skipped_steps = args.epochs_per_batch * args.batch_prompts // mini, 0
 if master and resume_dir:
     checkpoint.trim_log(metrics_path, start_step)  # the lines of steps after the checkpoint are redone
