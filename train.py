@@ -160,7 +160,7 @@ for bad, msg in (
      "group of one has no relative advantage (use >= 2, or --algo ppo or reinforce++)"),
     (args.dynamic_sampling and args.group_size < 2, "--dynamic-sampling drops groups of equal scores: a group of one"),
     (0 < args.tis_cap <= 1, f"--tis-cap {args.tis_cap:g} must be > 1 (min(ratio, cap) <= 1 only ever down-weighs)"),
-    (args.tis_cap and args.top_p < 1, "--tis-cap with --top-p < 1: the sampler's log-probs leave the nucleus out"),
+    (args.tis_cap and args.top_p < 1, "--tis-cap with --top-p < 1: the trainer's log-probs leave the nucleus out"),
     (args.algo == "prime" and args.resume, "--resume with --algo prime: the PRM is not checkpointed yet"),
     (world % args.rollout_tp, f"--rollout-tp {args.rollout_tp} must divide the number of ranks {world}"),
     (args.temperature == 0 and args.group_size > 1, "--temperature 0 is greedy: the same response n times"),

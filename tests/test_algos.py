@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from launch import REPO, python  # noqa: E402
-from test_train import TRAIN, assert_clean_failure, flags  # noqa: E402
+from test_train import TRAIN, assert_clean_failure, check_metrics, flags, read_metrics, train  # noqa: E402
 
 sys.path.insert(0, REPO)
 import grpo  # noqa: E402
@@ -178,6 +178,26 @@ def test_prime_advantages_by_hand():
     # whitened: mean 1.4/4 = 0.35, deviations 0.05, 0.45, 0.65, -1.15, squares sum 1.95, var 0.65, std 0.806226:
     # 0.062017, 0.558156, 0.806226, -1.426400
     assert close(adv, [[0.062017, 0.558156, 0.806226], [-1.426400, 0.0, 0.0]])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end: 2 ranks, the tiny random model (every reward 0: every group is flat)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["rloo", "reinforce++", "prime"])
+def test_algo_end_to_end_with_tis_and_dynamic_sampling(algo, tmp_path):
+    """2 steps of each new --algo with --tis-cap and --dynamic-sampling under torchrun: every metric finite, TIS's
+    weights logged (sampler = trainer in float32: ~1), dynamic sampling spends its 2 extra rounds (2 prompts each)
+    and fills each rank's 2 groups with flat ones; PRIME logs its PRM (loss ln 2 at first: sigmoid(0), any label)."""
+    train(tmp_path, steps=2, rollout="hf", algo=algo, tis_cap=2, dynamic_sampling=2)
+    lines = read_metrics(tmp_path)
+    check_metrics(lines, steps=2, eval_every=2)
+    for m in lines[1:]:
+        assert abs(m["tis_weight_mean"] - 1) < 1e-3 and 1 <= m["tis_weight_max"] <= 2
+        assert (m["dynamic_rounds"], m["dynamic_prompts"], m["dynamic_flat_kept"]) == (2, 4, 2)
+        assert ("prm_loss" in m) == (algo == "prime")
+    if algo == "prime":
+        assert abs(lines[1]["prm_loss"] - math.log(2)) < 1e-4 and lines[1]["prm_acc"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------
