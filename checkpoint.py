@@ -209,8 +209,9 @@ SAVE_TIMEOUT = datetime.timedelta(hours=1)
 def save_training(final_dir, trained, tokenizer, state, info):
     """Collective: a checkpoint of the training at final_dir, written whole or not at all (save()): the policy as
     a transformers folder (model.safetensors, config, tokenizer), optimizer.pt, trainer_state.pt (`state`, each
-    schedule, every rank's RNG), and for PPO the critic in critic/ with critic_optimizer.pt. trained: train.py's
-    [(model, optimizer, schedule, name)], the policy first. info goes to the manifest (the run's flags).
+    schedule, every rank's RNG), and any other trained model in a folder of its name with NAME_optimizer.pt (PPO's
+    critic in critic/, PRIME's PRM in prm/). trained: train.py's [(model, optimizer, schedule, name)], the policy
+    ("policy") first. info goes to the manifest (the run's flags).
     Writes nothing and returns False when any rank holds a weight that is not finite; True once written."""
     bad = sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()  # this rank's shards
               for model, *_ in trained for p in model.parameters())
@@ -225,9 +226,10 @@ def save_training(final_dir, trained, tokenizer, state, info):
     dist.all_gather_object(rngs, rng_state())
 
     def write(tmp):
-        for (sd, osd), (model, *_), (folder, name) in zip(saved, trained, _places(tmp)):
+        for (sd, osd), (model, *_, name) in zip(saved, trained):
+            folder, file = _places(tmp, name)
             model.save_pretrained(folder, state_dict=sd)
-            torch.save(osd, os.path.join(tmp, name))
+            torch.save(osd, os.path.join(tmp, file))
         tokenizer.save_pretrained(tmp)
         torch.save({**state, "schedulers": [sched.state_dict() for model, optim, sched, name in trained],
                     "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
@@ -242,7 +244,8 @@ def load_training(ckpt_dir, trained):
     """Collective: load what save_training wrote into the optimizers and schedules of `trained` (the models were
     built from the checkpoint's folders) and restore this rank's RNG. Returns the saved `state`. weights_only:
     a checkpoint is data, never code that runs when it is loaded."""
-    for (model, optim, sched, name), (_, file) in zip(trained, _places(ckpt_dir)):
+    for model, optim, sched, name in trained:
+        file = _places(ckpt_dir, name)[1]
         # Rank 0 reads the full state (memory-mapped) and sends each tensor in turn; every rank keeps its shard.
         # (Read on every rank, a 3B model's AdamW state is 25 GB of host memory per rank.)
         osd = torch.load(os.path.join(ckpt_dir, file), map_location="cpu", weights_only=True, mmap=True) \
@@ -256,9 +259,10 @@ def load_training(ckpt_dir, trained):
     return state
 
 
-def _places(root):
-    """Where the policy's and the critic's weights and optimizer states go in a checkpoint."""
-    return [(root, "optimizer.pt"), (os.path.join(root, "critic"), "critic_optimizer.pt")]
+def _places(root, name):
+    """(the folder of its weights, the file of its optimizer state) of a trained model in a checkpoint: the
+    policy's at the top, another's (the critic's, the PRM's) in a folder of its name."""
+    return (root, "optimizer.pt") if name == "policy" else (os.path.join(root, name), f"{name}_optimizer.pt")
 
 
 def rng_state():

@@ -82,13 +82,13 @@ def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vll
                   f"{device_bytes / GIB:.1f} GiB; would fit: {' or '.join(fits) or 'none of the single changes'}")
 
 
-def check_run(model_path, args, world, kl_coef, micro_batch_tokens, dtype, device, master):
+def check_run(model_path, args, world, kl_coef, dtype, device, master):
     """check() for train.py's flags on this rank's GPU: rank 0 prints the plan; returns the failure line or None."""
     import torch
     gpu = torch.cuda.get_device_properties(device).total_memory
     line, problem = check(*param_counts(model_path), world=world, dtype_bytes=dtype.itemsize, algo=args.algo,
                           kl_coef=kl_coef, rollout=args.rollout, vllm_share=args.gpu_memory_utilization,
-                          micro_batch_tokens=micro_batch_tokens, device_bytes=gpu,
+                          micro_batch_tokens=args.micro_batch_tokens, device_bytes=gpu,
                           mini_batch_tokens=(args.mini_batch_prompts or args.batch_prompts) // world * args.group_size
                           * (args.max_prompt_len + args.max_response_len))
     if master:

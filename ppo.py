@@ -121,7 +121,7 @@ def kl_penalty(logp, ref_logp, estimator):
 # Policy: clipped surrogate and entropy
 # ---------------------------------------------------------------------------------------------------------
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, agg="token-mean", max_len=None,
-                denom=None):
+                denom=None, sampler_logp=None, tis_cap=0.0):
     """PPO's clipped surrogate: per token max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)).
 
     The max (a pessimistic bound) means: once the ratio has moved past the bound in the direction the
@@ -131,12 +131,19 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, a
     stats: 'clip_frac' share of valid tokens where the clipped branch was strictly larger (no gradient there),
            'approx_kl' mean over valid tokens of old_logp - logp (k1 of KL(old || new), as veRL logs it; it
            can be slightly negative), 'ratio_max' the largest ratio over valid tokens.
+    sampler_logp, tis_cap: truncated importance sampling (TIS): each token's term is weighted by
+    w = min(pi_old / pi_sampler, tis_cap) = min(exp(old_logp - sampler_logp), tis_cap), a constant (no gradient).
+    The sampler (vLLM, bf16) is not quite the policy the trainer computes: w corrects the mismatch, the cap bounds
+    the variance. stats then add 'tis_weight_mean' and 'tis_weight_max' over valid tokens.
     """
     log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss_tok = torch.maximum(loss_unclipped, loss_clipped)
+    if sampler_logp is not None:  # clamped first: padding holds arbitrary log-probs (see MAX_LOG_RATIO)
+        tis = torch.exp((old_logp - sampler_logp).detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)).clamp(max=tis_cap)
+        loss_tok = loss_tok * tis
     loss = aggregate(loss_tok, mask, agg, max_len, denom)
     with torch.no_grad():
         stats = {
@@ -144,6 +151,9 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, a
             "approx_kl": masked_mean(-log_ratio, mask),
             "ratio_max": torch.where(mask > 0, ratio, torch.zeros_like(ratio)).max(),  # ratios are > 0
         }
+        if sampler_logp is not None:
+            stats["tis_weight_mean"] = masked_mean(tis, mask)
+            stats["tis_weight_max"] = torch.where(mask > 0, tis, torch.zeros_like(tis)).max()
     return loss, stats
 
 
@@ -383,6 +393,7 @@ def loss(logp, values, mb, args, kl_coef, denom):
     models: their parameters are disjoint). kl_coef is unused: PPO's KL is in the reward. Returns (loss,
     stats); stats ending in "loss" are this micro-batch's share of the mini-batch's (see aggregate)."""
     pg, stats = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], args.clip_low, args.clip_high,
-                            args.loss_agg, args.max_response_len, denom)
+                            args.loss_agg, args.max_response_len, denom,
+                            mb["sampler_logp"] if args.tis_cap else None, args.tis_cap)
     vf, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], args.value_clip, args.loss_agg, denom)
     return pg + vf, {**stats, **vf_stats, "pg_loss": pg.detach(), "value_loss": vf.detach()}

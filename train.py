@@ -32,6 +32,7 @@ import grpo
 import memory
 import ppo
 import pretrain
+import prime
 import rollout
 
 def die(msg):
@@ -67,13 +68,16 @@ g.add_argument("--seed", type=int, default=0, help="seed of data order, sampling
 g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="training and rollout "
                "dtype; auto: bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU: autocast, fp32 master weights)")
 g = p.add_argument_group("rollout")
-g.add_argument("--algo", default="grpo", choices=["ppo", "grpo"], help="ppo: critic + GAE (TinyZero's); grpo: "
-               "group-relative advantages")
+g.add_argument("--algo", default="grpo", choices=["ppo", "grpo", "rloo", "reinforce++", "prime"], help="ppo: critic "
+               "+ GAE (TinyZero's); grpo: group-relative; rloo: leave-one-out; reinforce++: whitened returns of "
+               "score - KL; prime: + an implicit process reward model (docs/algorithms.md)")
 g.add_argument("--batch-prompts", type=POSITIVE, default=8, help="prompts per step over all ranks (TinyZero: 256)")
 g.add_argument("--group-size", type=POSITIVE, default=16, help="responses sampled per prompt (GRPO's group)")
 g.add_argument("--max-response-len", type=POSITIVE, default=384, help="response tokens; longer ones are cut")
 g.add_argument("--temperature", type=COEF, default=1.0, help="sampling temperature; log-probs use the same")
 g.add_argument("--top-p", type=SHARE, default=1.0, help="nucleus sampling (not in the log-probs: keep 1.0)")
+g.add_argument("--dynamic-sampling", type=COUNT, default=0, help="DAPO: drop groups whose scores are all equal and "
+               "sample that many more prompts, up to this many extra rounds a step (0: off)")
 g.add_argument("--rollout", default="vllm", choices=["vllm", "hf"], help="in-process vLLM, or transformers")
 g.add_argument("--rollout-tp", type=POSITIVE, default=1, help="tensor parallel size of the vLLM engine (GPU)")
 g.add_argument("--kv-cache-gib", type=ABOVE_0, default=0.25, help="vLLM's KV cache on CPU")
@@ -84,8 +88,8 @@ g.add_argument("--lr", type=RATE, default="auto", help=f"policy learning rate; a
                f"small models, {TINYZERO['lr']:g} (TinyZero) for any other")
 g.add_argument("--mini-batch-prompts", type=COUNT, default=0, help="prompts per optimizer step; 0: the batch")
 g.add_argument("--micro-batch-tokens", type=cli.number(int, 1, auto=True), default="auto", help="tokens per "
-               "packed forward/backward on a rank (memory); a longer sequence goes alone; auto: 8192 on CUDA, 1 (each "
-               "sequence alone) on CPU, where attention under a packing mask costs the square of its length")
+               "packed forward/backward on a rank (memory); a longer sequence goes alone; auto: 8192 on CUDA, 384 "
+               "on CPU (1-2 sequences: there attention under a packing mask costs the square of the row's length)")
 g.add_argument("--epochs-per-batch", type=POSITIVE, default=1, help="passes over each batch of rollouts")
 g.add_argument("--warmup", type=COUNT, default=0, help="steps of linear learning-rate warm-up, then constant")
 g.add_argument("--weight-decay", type=COEF, default=0.0, help="AdamW weight decay")
@@ -93,6 +97,8 @@ g.add_argument("--grad-clip", type=COEF, default=1.0, help="clip the global grad
 g.add_argument("--clip-low", type=UNIT, default=0.2, help="ratio clip: ratio >= 1 - clip_low")
 g.add_argument("--clip-high", type=COEF, default=0.2, help="ratio clip: ratio <= 1 + clip_high (DAPO: 0.28)")
 g.add_argument("--loss-agg", default="token-mean", choices=list(ppo.LOSS_AGG_MODES), help="see ppo.aggregate")
+g.add_argument("--tis-cap", type=COEF, default=0.0, help="truncated importance sampling: weigh each token by "
+               "min(pi_old / pi_sampler, cap), cap > 1 (0: off)")
 g.add_argument("--mask-truncated", action="store_true", help="leave truncated responses out of the loss")
 g.add_argument("--kl-coef", type=cli.number(float, 0, auto=True), default="auto", help=f"KL to the reference; auto: "
                f"{SMALL['kl_coef']:g} for our small models, {TINYZERO['kl_coef']:g} (TinyZero) for any other; 0: "
@@ -113,6 +119,8 @@ g.add_argument("--kl-horizon", type=POSITIVE, default=10000, help="adaptive KL: 
 g = p.add_argument_group("GRPO")
 g.add_argument("--no-std-scale", action="store_true", help="do not divide by the group's std (Dr. GRPO)")
 g.add_argument("--kl-estimator", default="k3", choices=list(ppo.KL_ESTIMATORS), help="the KL loss estimator")
+g.add_argument("--prm-beta", type=ABOVE_0, default=0.05, help="PRIME: implicit reward beta * log(pi_prm / pi_ref); "
+               "the PRM learns at --lr")
 g = p.add_argument_group("validation and logs")
 g.add_argument("--eval-every", type=COUNT, default=10, help="validate every K steps, first and last (0: off)")
 g.add_argument("--eval-prompts", type=COUNT, default=500, help="test prompts per validation (0: all)")
@@ -127,7 +135,8 @@ g.add_argument("--resume", action="store_true", help="continue from the newest w
 g.add_argument("--force-resume", action="store_true", help="resume even where flags that define the run "
                f"({', '.join('--' + k.replace('_', '-') for k in RUN_DEFINING)}) differ from the checkpoint's")
 args = p.parse_args()
-algo = {"ppo": ppo, "grpo": grpo}[args.algo]  # the algorithm: advantages() and loss(); the loop is shared
+# the algorithm: advantages() and loss(); the loop is shared. grpo.py holds RLOO and REINFORCE++ too
+algo = {"ppo": ppo, "grpo": grpo, "rloo": grpo, "reinforce++": grpo, "prime": prime}[args.algo]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,7 +151,8 @@ master = rank == 0
 cuda = torch.cuda.is_available()
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and cuda) else torch.float32
-mb_tokens = (8192 if cuda else 1) if args.micro_batch_tokens == "auto" else args.micro_batch_tokens  # CPU: see README
+if args.micro_batch_tokens == "auto":  # CPU: short rows, see README
+    args.micro_batch_tokens = 8192 if cuda else 384
 
 # ----------------------------------------------------------------------------------------------------------
 # check the input before anything heavy: each problem is one line, before any model loads
@@ -151,8 +161,11 @@ for bad, msg in (
     (args.batch_prompts % world, f"--batch-prompts {args.batch_prompts} does not split over {world} ranks"),
     (args.batch_prompts % mini or mini % world, f"--mini-batch-prompts {mini} must divide --batch-prompts "
      f"{args.batch_prompts} and split over {world} ranks"),
-    (args.algo == "grpo" and args.group_size < 2, "--group-size 1 with --algo grpo: a group of one has no relative "
-     "advantage (use >= 2, or --algo ppo)"),
+    (args.algo in ("grpo", "rloo", "prime") and args.group_size < 2, f"--group-size 1 with --algo {args.algo}: a "
+     "group of one has no relative advantage (use >= 2, or --algo ppo or reinforce++)"),
+    (args.dynamic_sampling and args.group_size < 2, "--dynamic-sampling drops groups of equal scores: a group of one"),
+    (0 < args.tis_cap <= 1, f"--tis-cap {args.tis_cap:g} must be > 1 (min(ratio, cap) <= 1 only ever down-weighs)"),
+    (args.tis_cap and args.top_p < 1, "--tis-cap with --top-p < 1: the trainer's log-probs leave the nucleus out"),
     (world % args.rollout_tp, f"--rollout-tp {args.rollout_tp} must divide the number of ranks {world}"),
     (args.temperature == 0 and args.group_size > 1, "--temperature 0 is greedy: the same response n times"),
     (args.kl_ctrl == "adaptive" and args.algo != "ppo", "--kl-ctrl adaptive steers PPO's KL reward: use --algo ppo"),
@@ -246,21 +259,26 @@ defaults = SMALL if args.model == "tiny" or pretrained is not None else TINYZERO
 lr, critic_lr, kl_coef = (defaults[k] if getattr(args, k) == "auto" else getattr(args, k)
                           for k in ("lr", "critic_lr", "kl_coef"))  # PPO's adaptive controller changes kl_coef
 init_path = resume_dir or model_path
-if cuda and (problem := memory.check_run(model_path, args, world, kl_coef, mb_tokens, dtype, device, master)):
+if cuda and (problem := memory.check_run(model_path, args, world, kl_coef, dtype, device, master)):
     die(f"memory: {problem}")  # before anything is allocated on the GPU
 torch.manual_seed(args.seed)
 policy = load_model(init_path, trainable=True)
-ref = load_model(model_path, trainable=False, dtype=dtype if cuda else torch.float32) if kl_coef > 0 else None
-critic = load_model(os.path.join(resume_dir, "critic") if resume_dir else model_path, trainable=True,
-                    critic=True) if args.algo == "ppo" else None
+ref = load_model(model_path, trainable=False, dtype=dtype if cuda else torch.float32) if kl_coef > 0 or \
+    args.algo == "prime" else None
+saved_or = lambda name: os.path.join(resume_dir, name) if resume_dir else model_path  # noqa: E731
+critic = load_model(saved_or("critic"), trainable=True, critic=True) if args.algo == "ppo" else None
+prm = load_model(saved_or("prm"), trainable=True) if args.algo == "prime" else None  # PRIME: from the policy's start
 warmup = lambda s: min(1.0, (s + 1) / (args.warmup + 1))  # noqa: E731
-trained = []  # what is trained: (model, optimizer, schedule, the name its gradient norm is logged under)
-for model, model_lr, name in ((policy, lr, "grad_norm"), (critic, critic_lr, "critic_grad_norm")):
+trained = []  # what is trained and checkpointed: (model, optimizer, schedule, name)
+for model, model_lr, name in ((policy, lr, "policy"), (critic, critic_lr, "critic"), (prm, lr, "prm")):
     if model is not None:
         optim = torch.optim.AdamW(model.parameters(), lr=model_lr, weight_decay=args.weight_decay)
         trained.append((model, optim, torch.optim.lr_scheduler.LambdaLR(optim, warmup), name))
 if resume_dir:
     kl_coef = checkpoint.load_training(resume_dir, trained)["kl_coef"]
+updated = [t for t in trained if t[3] != "prm"]  # what update() steps; prime.py steps the PRM
+if prm is not None:
+    prime.use(*trained[-1][:3], autocast)
 
 engine = rollout.make_engine(args.rollout, init_path, dtype=dtype, device=device, seed=args.seed,
                              max_model_len=args.max_prompt_len + args.max_response_len, tp=args.rollout_tp,
@@ -279,7 +297,17 @@ def allreduce(d, op=dist.ReduceOp.SUM):
 
 def per_micro_batch(fn, batch):
     """fn(micro-batch) over the whole batch, in order, concatenated: the passes before the update."""
-    return torch.cat([fn(mb) for mb in ppo.micro_batches(batch, torch.arange(len(batch["mask"])), mb_tokens)])
+    idx = torch.arange(len(batch["mask"]))
+    return torch.cat([fn(mb) for mb in ppo.micro_batches(batch, idx, args.micro_batch_tokens)])
+
+
+def sample(idx, seed):
+    """group-size responses to each of this rank's prompts idx, scored: (prompts, samples, scores, seconds scoring)."""
+    rows, prompts = train.batch(idx, tokenizer)
+    samples, _, scores, seconds = rollout.sample_and_score(
+        engine, tokenizer, rows, prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
+        max_tokens=args.max_response_len, seed=seed)
+    return prompts, samples, scores, seconds
 
 
 def batch_indices(step):
@@ -312,9 +340,9 @@ def update(batch):
             local = {"token-mean": n_tokens, "seq-mean": len(rows),
                      "token-sum": len(rows) * args.max_response_len}[args.loss_agg]
             denom = allreduce({"d": local})["d"] / world
-            mbs, loss_sum = list(ppo.micro_batches(batch, rows, mb_tokens)), 0.0
+            mbs, loss_sum = list(ppo.micro_batches(batch, rows, args.micro_batch_tokens)), 0.0
             for j, mb in enumerate(mbs):
-                for model, *_ in trained:  # reduce-scatter the gradients once per mini-batch, not per micro
+                for model, *_ in updated:  # reduce-scatter the gradients once per mini-batch, not per micro
                     model.set_requires_gradient_sync(j == len(mbs) - 1)
                 logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True,
                                                     entropy_grad=args.entropy_coef > 0)
@@ -337,18 +365,18 @@ def update(batch):
                     gap = (mb["sampler_logp"] - mb["old_logp"]).abs() * mb["valid"]
                     gap_max, gap_sum = max(gap_max, gap.max().item()), gap_sum + gap.sum().item()
             norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-                     for model, *_ in trained]
+                     for model, *_ in updated]
             norms = [float(x.full_tensor() if hasattr(x, "full_tensor") else x) for x in norms]
             # A non-finite loss or gradient on any rank skips this optimizer step on all of them: NaN never
             # reaches the weights or the optimizer state.
             skip = allreduce({"bad": not math.isfinite(sum(norms) + loss_sum)}, op=dist.ReduceOp.MAX)["bad"]
-            for (model, optim, _, name), norm in zip(trained, norms):
-                add(name, norm)
+            for (model, optim, _, name), norm in zip(updated, norms):
+                add("grad_norm" if name == "policy" else f"{name}_grad_norm", norm)
                 if not skip:
                     optim.step()
                 optim.zero_grad(set_to_none=True)
             n_updates, n_skipped = n_updates + 1, n_skipped + skip
-    for model, optim, sched, name in trained:
+    for model, optim, sched, name in updated:
         sched.step()
     return {**{k: v / n_updates for k, v in sums.items()}, "skipped_updates": n_skipped}, gap_max, gap_sum
 
@@ -376,8 +404,9 @@ def log(m):
 from tqdm import tqdm  # noqa: E402 (the progress bar)
 
 # With one epoch and one mini-batch the update's own forward gives the old log-probs (see update()); otherwise
-# they are computed before it. PPO's KL reward reads them before the update too.
-old_logp_first = args.epochs_per_batch > 1 or mini < args.batch_prompts or (critic is not None and ref is not None)
+# they are computed before it. PPO's and REINFORCE++'s KL rewards read them before the update too.
+old_logp_first = args.epochs_per_batch > 1 or mini < args.batch_prompts or (
+    args.algo in ("ppo", "reinforce++") and ref is not None)
 updates_per_step, skipped_steps = args.epochs_per_batch * args.batch_prompts // mini, 0
 if master and resume_dir:
     checkpoint.trim_log(metrics_path, start_step)  # the lines of steps after the checkpoint are redone
@@ -390,11 +419,10 @@ bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, 
 for step in bar:
     # 1. rollout: group-size responses for each of this rank's prompts, and their rewards -------------------
     t0 = time.time()
-    idx = batch_indices(step)
-    rows, prompts = train.batch(idx, tokenizer)
-    samples, texts, scores, time_reward = rollout.sample_and_score(
-        engine, tokenizer, rows, prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
-        max_tokens=args.max_response_len, seed=args.seed + 10**6 * step + 10**4 * rank)
+    prompts, samples, scores, time_reward, dynamic_stats = grpo.dynamic_sample(  # one round without --dynamic-sampling
+        lambda idx, r: sample(idx, args.seed + 10**6 * step + 10**4 * rank + r), batch_indices(step), args.group_size,
+        args.dynamic_sampling, lambda r, k: np.random.default_rng([args.seed, step, rank, r]).choice(
+            len(train), k).tolist(), lambda short: allreduce({"s": short}, op=dist.ReduceOp.MAX)["s"] > 0)
     rollout.sleep(engine)
     t1 = time.time()
     # 2. log-probs and advantages -----------------------------------------------------------------------------
@@ -423,12 +451,13 @@ for step in bar:
     mem = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tot = allreduce({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
                      "len": sum(len(x["token_ids"]) for x in samples), "trunc": sum(x["truncated"] for x in samples),
-                     "gap_sum": gap_sum, "gap_n": batch["valid"].sum().item(), **algo_stats, **update_stats})
+                     "gap_sum": gap_sum, "gap_n": batch["valid"].sum().item(), **algo_stats, **update_stats,
+                     **dynamic_stats})
     peak = allreduce({"logprob_diff_max": gap_max, "mem_peak_gib": mem / 2**30}, op=dist.ReduceOp.MAX)
     n = tot["n"]
     m = {"step": step + 1, "reward_mean": tot["reward"] / n, "acc": tot["acc"] / n, "response_len": tot["len"] / n,
          "truncated_frac": tot["trunc"] / n, **peak, "logprob_diff_mean": tot["gap_sum"] / max(tot["gap_n"], 1),
-         **{k: tot[k] / world for k in (*algo_stats, *update_stats)},  # means of the ranks' means
+         **{k: tot[k] / world for k in (*algo_stats, *update_stats, *dynamic_stats)},  # means of the ranks' means
          "lr": trained[0][2].get_last_lr()[0], "time_generate": t1 - t0 - time_reward, "time_reward": time_reward,
          "time_logprob": t2 - t1, "time_update": t3 - t2, "time_sync": t4 - t3}
     if args.kl_ctrl == "adaptive" and "kl" in m:

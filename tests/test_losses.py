@@ -545,3 +545,21 @@ def test_micro_batches_are_as_many_on_every_rank():
     mp.spawn(_equal_counts, args=(2, cli.free_port(), out), nprocs=2)
     assert out[1] == [[0], [1], [2], [3]]
     assert out[0] == [[0], [1], [2], [3]]  # [0 1 2 3] -> [0 1] [2 3] -> [0] [1] [2 3] -> [0] [1] [2] [3]
+
+
+def test_policy_loss_truncated_importance_sampling_by_hand():
+    """--tis-cap: each token's term times w = min(pi_old / pi_sampler, cap), a constant; padding cannot leak."""
+    logp = t([[-1.0, -2.0, -100.0]]).requires_grad_()
+    old = t([[-1.0, -2.0, 50.0]])  # ratio 1 on the valid tokens
+    sampler = t([[-1.0 - LN2, -2.0 + LN2, -50.0]])  # old/sampler = 2 and 0.5; padding: e^100 before the clamp
+    adv, mask = t([[1.0, -2.0, 3.0]]), t([[1.0, 1.0, 0.0]])
+    loss, stats = ppo.policy_loss(logp, old, adv, mask, sampler_logp=sampler, tis_cap=1.5)
+    # w = min(2, 1.5) = 1.5 and min(0.5, 1.5) = 0.5; per-token -A * ratio = -1 and 2; weighted -1.5 and 1.0;
+    # token-mean over 2: -0.25 (without TIS: (-1 + 2)/2 = 0.5)
+    assert close(loss, -0.25)
+    assert close(stats["tis_weight_mean"], 1.0) and close(stats["tis_weight_max"], 1.5)
+    loss.backward()
+    # d/dlogp of -A * w * exp(logp - old) / 2 at ratio 1: -1 * 1.5 / 2 = -0.75, 2 * 0.5 / 2 = 0.5, padding 0
+    assert close(logp.grad, t([[-0.75, 0.5, 0.0]]))
+    plain, plain_stats = ppo.policy_loss(logp.detach(), old, adv, mask)
+    assert close(plain, 0.5) and "tis_weight_mean" not in plain_stats

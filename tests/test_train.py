@@ -243,6 +243,21 @@ def test_resume_ppo(tmp_path):
     assert glob.glob(str(last / "critic" / "*.safetensors")), "a PPO checkpoint without its critic"
 
 
+@pytest.mark.slow
+def test_resume_prime(tmp_path):
+    """PRIME (hf engine): the PRM learns from the outcome labels even when every score is 0, so its weights, its
+    optimizer and its schedule must come back from the checkpoint (prm/ beside the policy) for the last step's
+    metrics (prm_* included) and all weights to equal the uninterrupted run's."""
+    out_a = tmp_path / "a"
+    train(out_a, steps=STEPS, rollout="hf", algo="prime", **CKPT)
+    a = check_resume(out_a, tmp_path / "b", rollout="hf", algo="prime")
+    assert all(m.get("prm_grad_norm", 0) > 0 for m in a[1:]), "the PRM made no update: the test proves little"
+    last = out_a / "checkpoints" / f"step_{STEPS}"
+    assert glob.glob(str(last / "prm" / "*.safetensors")) and (last / "prm_optimizer.pt").exists()
+    moved = max_weight_change(str(out_a / "tiny_model"), str(last / "prm"))
+    assert moved > 1e-6, f"the PRM did not move ({moved:.3g}): the resume test proves little"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # bad input: one clear line on stderr, before any model is loaded
 @pytest.fixture(scope="module")
