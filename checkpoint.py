@@ -228,7 +228,7 @@ def save_training(final_dir, trained, tokenizer, state, info):
     def write(tmp):
         for (sd, osd), (model, *_, name) in zip(saved, trained):
             folder, file = _places(tmp, name)
-            model.save_pretrained(folder, state_dict=sd)
+            model.save_pretrained(folder, state_dict=untied(model, sd))
             torch.save(osd, os.path.join(tmp, file))
         tokenizer.save_pretrained(tmp)
         torch.save({**state, "schedulers": [sched.state_dict() for model, optim, sched, name in trained],
@@ -238,6 +238,17 @@ def save_training(final_dir, trained, tokenizer, state, info):
         save(final_dir, write, info)
     dist.barrier()  # the checkpoint exists for every rank once this returns
     return True
+
+
+def untied(model, state_dict):
+    """state_dict without the copies of tied weights (lm_head.weight where the embeddings are tied): one copy on
+    disk, as in the model's source; from_pretrained and vLLM tie them again. The gathered full state dict holds
+    each key as its own tensor, so save_pretrained cannot see that they are one parameter and would write both."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not getattr(config, "tie_word_embeddings", False):
+        return state_dict
+    tied = getattr(model, "_tied_weights_keys", None) or {}  # transformers 5: {tied key: the key it shares}
+    return {k: v for k, v in state_dict.items() if k not in tied or tied[k] not in state_dict}
 
 
 def load_training(ckpt_dir, trained):

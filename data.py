@@ -53,6 +53,7 @@ COUNTDOWN_PROMPTS = {
     # ours, not TinyZero's: the question's first sentence only (~70 bytes instead of ~565), for small CPU
     # models; pretrain.py's corpus uses exactly this text, so the built-in base model knows it
     "tiny": "Using the numbers {numbers}, create an equation that equals {target}.\n<think>",
+    "chat-think": COUNTDOWN_QUESTION.split(", for example")[0] + ".",  # see CHAT_THINK_DEMOS
 }
 MULTIPLY_PROMPTS = {
     "base": "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -64,8 +65,20 @@ MULTIPLY_PROMPTS = {
     # ours, not TinyZero's: the same instructions phrased as a user turn
     "chat": "Give me the answer of the following equation: {a} * {b} = ? Show your work in <think> </think> "
             "tags. And return only the final number in <answer> </answer> tags, for example <answer> 42 </answer>.",
+    "chat-think": "Give me the answer of the following equation: {a} * {b} = ? Show your work in <think> </think> "
+                  "tags. And return only the final number in <answer> </answer> tags.",  # see CHAT_THINK_DEMOS
 }
 PROMPTS = {"countdown": COUNTDOWN_PROMPTS, "multiply": MULTIPLY_PROMPTS}  # task -> template name -> text
+# 'chat-think' (ours, for instruct models; docs/smollm2.md): rendered with the tokenizer's chat template, one solved
+# task (a worked example), then the question, then the assistant turn prefilled with THINK_PREFILL (TinyZero's
+# qwen-instruct idea): the response starts inside <think>. SmolLM2-135M-Instruct sampled no answer block in 48
+# without the example, 36 in 48 with it (1-digit factors). Its small answer is rarely right when copied.
+THINK_PREFILL = "Let me solve this step by step.\n<think>"
+CHAT_THINK_DEMOS = {  # task -> (the example task, its reasoning and answer after THINK_PREFILL)
+    "countdown": ({"target": 9, "numbers": [1, 2, 3]}, " 1 + 2 = 3, 3 * 3 = 9 </think>\n<answer> (1+2)*3 </answer>"),
+    "multiply": ({"a": 2, "b": 3}, " 2 * 3 = 6 </think>\n<answer> 6 </answer>"),
+}
+CHAT_TEMPLATES = ("chat", "chat-think")  # rendered by the tokenizer's own chat template (prompt_text)
 TASKS = tuple(PROMPTS)
 
 
@@ -134,7 +147,13 @@ def _prompt(task, template):
 
 
 def _row(task, template, content, truth, split, index, **extra):
-    return {"data_source": task, "prompt": [{"role": "user", "content": content}], "ability": "math",
+    prompt = [{"role": "user", "content": content}]
+    if template == "chat-think":  # the worked example, the question, the assistant turn prefilled
+        demo, solution = CHAT_THINK_DEMOS[task]
+        prompt = [{"role": "user", "content": PROMPTS[task][template].format(**demo)},
+                  {"role": "assistant", "content": THINK_PREFILL + solution}, *prompt,
+                  {"role": "assistant", "content": THINK_PREFILL}]
+    return {"data_source": task, "prompt": prompt, "ability": "math",
             "reward_model": {"style": "rule", "ground_truth": truth},
             "extra_info": {"split": split, "index": int(index), "template": template, **extra}}
 
@@ -156,13 +175,17 @@ def multiply_row(task, template, split, index):
 def prompt_text(row, tokenizer=None):
     """The exact string to feed the model for a row.
 
-    'chat' rows hold only the user turn and are rendered with the tokenizer's own chat template. Every
-    other row (ours, or TinyZero's, which have no extra_info.template) holds the rendered prompt already.
+    'chat' and 'chat-think' rows hold messages and are rendered with the tokenizer's own chat template: a last
+    user turn gets the assistant header after it, a last assistant turn (a prefill) is continued, not closed.
+    Every other row (ours, or TinyZero's, which have no extra_info.template) holds the rendered prompt already.
     """
-    if (row.get("extra_info") or {}).get("template") == "chat":
+    template = (row.get("extra_info") or {}).get("template")
+    if template in CHAT_TEMPLATES:
         if tokenizer is None:
-            raise ValueError("a 'chat' template row needs a tokenizer (its chat template renders the prompt)")
-        return tokenizer.apply_chat_template(list(row["prompt"]), add_generation_prompt=True, tokenize=False)
+            raise ValueError(f"a {template!r} template row needs a tokenizer (its chat template renders the prompt)")
+        prefilled = row["prompt"][-1]["role"] == "assistant"
+        return tokenizer.apply_chat_template(list(row["prompt"]), tokenize=False, **(
+            {"continue_final_message": True} if prefilled else {"add_generation_prompt": True}))
     return "".join(m["content"] for m in row["prompt"])
 
 
@@ -420,7 +443,8 @@ def main(argv=None):
         s.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="file format")
         s.add_argument("--workers", type=int, default=None, help="processes (default: all cores for large N)")
         s.add_argument("--template", choices=tuple(PROMPTS[task]), default="base",
-                       help="prompt template; 'chat' stores the question for the tokenizer's chat template")
+                       help="prompt template; 'chat': the question, for the tokenizer's chat template; "
+                            "'chat-think': a worked example, the question, the assistant turn prefilled to <think>")
         if task == "countdown":
             s.add_argument("--num-counts", type=int, nargs="+", default=[3, 4], help="how many numbers per task")
             s.add_argument("--num-range", type=int, nargs=2, default=[1, 99], metavar=("LO", "HI"),

@@ -330,3 +330,56 @@ def test_cli(tmp_path, capsys):
 def test_doctests():
     assert doctest.testmod(data).failed == 0 and doctest.testmod(countdown).attempted > 0
     assert doctest.testmod(countdown).failed == 0
+
+
+class ChatTokenizer:
+    """The part of a transformers tokenizer that prompt_text uses, with a ChatML-like template: a last assistant
+    turn is continued (continue_final_message), not closed, as transformers does."""
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt=False, continue_final_message=False):
+        assert not tokenize and add_generation_prompt != continue_final_message
+        text = ''.join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+        return text[:-len('<|end|>')] if continue_final_message else text + '<|assistant|>'
+
+
+def test_chat_think_rows_hold_a_worked_example_and_prefill_the_assistant_turn():
+    """'chat-think': the example task solved, the question, and the assistant turn up to <think> (TinyZero's
+    qwen-instruct prefill); no example answer in the question itself (the 'chat' prompt's '42' got copied)."""
+    row = data.multiply_row({'a': 37, 'b': 8}, 'chat-think', 'train', 5)
+    ask = ("Give me the answer of the following equation: {} * {} = ? Show your work in <think> </think> tags. "
+           "And return only the final number in <answer> </answer> tags.")
+    assert row['prompt'] == [
+        {'role': 'user', 'content': ask.format(2, 3)},
+        {'role': 'assistant', 'content': "Let me solve this step by step.\n<think> 2 * 3 = 6 </think>\n"
+                                         "<answer> 6 </answer>"},
+        {'role': 'user', 'content': ask.format(37, 8)},
+        {'role': 'assistant', 'content': "Let me solve this step by step.\n<think>"}]
+    assert row['reward_model']['ground_truth'] == 296 and row['extra_info']['template'] == 'chat-think'
+    assert data.prompt_text(row, ChatTokenizer()).endswith(
+        f"<|user|>{ask.format(37, 8)}<|end|><|assistant|>Let me solve this step by step.\n<think>")
+    with pytest.raises(ValueError, match="'chat-think' template row needs a tokenizer"):
+        data.prompt_text(row)
+    cd = data.countdown_row({'target': 98, 'numbers': [44, 19, 35]}, 'chat-think', 'test', 0)
+    assert cd['prompt'][1]['content'].endswith("3 * 3 = 9 </think>\n<answer> (1+2)*3 </answer>")
+    assert cd['prompt'][2]['content'] == TZ_BASE.split('User: ')[1].split(', for example')[0] + '.'
+    # the worked examples are right by our own rewards, and they pass the row checks and the files
+    for task, (demo, solution) in data.CHAT_THINK_DEMOS.items():
+        truth = demo['a'] * demo['b'] if task == 'multiply' else demo
+        got = (rewards.multiply_reward(solution, truth) if task == 'multiply' else
+               rewards.countdown_reward(solution, demo['target'], demo['numbers']))
+        assert got == 1.0, task
+    assert data._check(row) == row
+    # 'chat' rows still render the user turn with the assistant header after it
+    chat = data.multiply_row({'a': 3, 'b': 4}, 'chat', 'train', 0)
+    assert data.prompt_text(chat, ChatTokenizer()) == f"<|user|>{chat['prompt'][0]['content']}<|end|><|assistant|>"
+
+
+@pytest.mark.parametrize('response', ["6 * 7 = 42 </think>\n<answer> 42 </answer>", "42 </answer>", "no tags",
+                                      "</think> <answer> 41 </answer>", "<answer> 42"])
+def test_the_prefill_holds_nothing_the_reward_reads(response):
+    """Our reward reads the response alone; TinyZero's decodes prompt and response and scores the text after the
+    assistant marker, so a prefilled tag counts there. THINK_PREFILL holds no <answer> tag: both read the same
+    answer, whatever the model writes. (A prefill up to <answer> would differ: '42 </answer>' would score 1.0
+    there and 0.0 here, a reward for a tag the model never wrote.)"""
+    assert '<answer>' not in data.THINK_PREFILL and '</answer>' not in data.THINK_PREFILL
+    ours = rewards.multiply_reward(response, 42)
+    assert rewards.multiply_reward(data.THINK_PREFILL + response, 42) == ours
