@@ -3,7 +3,8 @@
 Greedy decoding (and with --eval-sampled, sampling at --temperature) of the first --eval-prompts test prompts,
 split over the ranks: mean reward, accuracy (score 1.0), the share of responses with a complete answer block
 (answer_frac) and response length, and for Countdown rows the aha metrics (aha.py): attempts per response,
-answers that repeat an attempt that hit the target, responses that stop right after the first hit. Keys: val_greedy_* (and val_*). A few responses go to OUT/samples.
+answers that repeat an attempt that hit the target, responses that stop right after the first hit.
+Keys: val_greedy_* (and val_*). A few responses go to OUT/samples.
 """
 import json
 import os

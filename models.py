@@ -58,8 +58,7 @@ def convert_gguf(gguf_path, out):
     if missing and not (config.tie_word_embeddings and missing == ["lm_head.weight"]):
         raise ValueError(f"{gguf_path}: no tensors for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     model.tie_weights()  # lm_head.weight is embed_tokens.weight, whatever the loading did
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # No quantization config to drop: the config comes from the GGUF metadata, the weights are dequantized.
     if model.generation_config is not None:  # stop at the end of the assistant turn (<|im_end|>), as the tokenizer
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
