@@ -119,8 +119,8 @@ g.add_argument("--kl-horizon", type=POSITIVE, default=10000, help="adaptive KL: 
 g = p.add_argument_group("GRPO")
 g.add_argument("--no-std-scale", action="store_true", help="do not divide by the group's std (Dr. GRPO)")
 g.add_argument("--kl-estimator", default="k3", choices=list(ppo.KL_ESTIMATORS), help="the KL loss estimator")
-g.add_argument("--prm-beta", type=ABOVE_0, default=0.05, help="PRIME: implicit reward beta * log(pi_prm / pi_ref); "
-               "the PRM learns at --lr")
+g.add_argument("--prm-beta", type=ABOVE_0, default=0.05, help="PRIME: implicit reward beta * log(pi_prm / pi_ref)")
+g.add_argument("--prm-lr", type=RATE, default="auto", help="PRIME: the PRM's learning rate; auto: --lr's")
 g = p.add_argument_group("validation and logs")
 g.add_argument("--eval-every", type=COUNT, default=10, help="validate every K steps, first and last (0: off)")
 g.add_argument("--eval-prompts", type=COUNT, default=500, help="test prompts per validation (0: all)")
@@ -258,6 +258,7 @@ def load_model(path, trainable, critic=False, dtype=torch.float32):
 defaults = SMALL if args.model == "tiny" or pretrained is not None else TINYZERO  # our small models, or not
 lr, critic_lr, kl_coef = (defaults[k] if getattr(args, k) == "auto" else getattr(args, k)
                           for k in ("lr", "critic_lr", "kl_coef"))  # PPO's adaptive controller changes kl_coef
+prm_lr = lr if args.prm_lr == "auto" else args.prm_lr
 init_path = resume_dir or model_path
 if cuda and (problem := memory.check_run(model_path, args, world, kl_coef, dtype, device, master)):
     die(f"memory: {problem}")  # before anything is allocated on the GPU
@@ -270,7 +271,7 @@ critic = load_model(saved_or("critic"), trainable=True, critic=True) if args.alg
 prm = load_model(saved_or("prm"), trainable=True) if args.algo == "prime" else None  # PRIME: from the policy's start
 warmup = lambda s: min(1.0, (s + 1) / (args.warmup + 1))  # noqa: E731
 trained = []  # what is trained and checkpointed: (model, optimizer, schedule, name)
-for model, model_lr, name in ((policy, lr, "policy"), (critic, critic_lr, "critic"), (prm, lr, "prm")):
+for model, model_lr, name in ((policy, lr, "policy"), (critic, critic_lr, "critic"), (prm, prm_lr, "prm")):
     if model is not None:
         optim = torch.optim.AdamW(model.parameters(), lr=model_lr, weight_decay=args.weight_decay)
         trained.append((model, optim, torch.optim.lr_scheduler.LambdaLR(optim, warmup), name))
