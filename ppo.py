@@ -280,6 +280,12 @@ def micro_batches(batch, idx, budget):
         yield {k: v[idx[part]] for k, v in batch.items()}
 
 
+def per_micro_batch(fn, batch, budget):
+    """fn(micro-batch) over all of batch's rows, in order, in micro_batches of `budget` tokens, concatenated: the
+    forward-only passes (reference and old log-probs, values, PRIME's PRM)."""
+    return torch.cat([fn(mb) for mb in micro_batches(batch, torch.arange(len(batch["mask"])), budget)])
+
+
 def response_logprobs(model, batch, temperature, autocast=contextlib.nullcontext(), with_entropy=False,
                       entropy_grad=False):
     """Log-probs [B, T] of the response tokens under softmax(logits / temperature) (and entropy [B, T]); 0 on

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import grpo
-from ppo import masked_whiten, micro_batches, response_logprobs
+from ppo import masked_whiten, micro_batches, per_micro_batch, response_logprobs
 
 PRM = {}  # set once by train.py through use(): the PRM (FSDP2), its optimizer and schedule, the forwards' autocast
 loss = grpo.loss  # the policy's loss: clipped surrogate + KL loss, as GRPO's
@@ -116,8 +116,8 @@ def advantages(batch, scores, args, kl_coef):
         step_loss, norm, skipped, seq_before = train_step(inputs, args)
     model = PRM["model"]
     model.eval()
-    logp = torch.cat([response_logprobs(model, mb, args.temperature, PRM["autocast"])
-                      for mb in micro_batches(inputs, torch.arange(len(labels)), args.micro_batch_tokens)])
+    logp = per_micro_batch(lambda mb: response_logprobs(model, mb, args.temperature, PRM["autocast"]), inputs,
+                           args.micro_batch_tokens)
     mask = batch["mask"]
     process = implicit_rewards(logp, batch["ref_logp"], mask, args.prm_beta)
     scale = process.flip(-1).cumsum(-1).abs().max().reshape(1)

@@ -296,12 +296,6 @@ def allreduce(d, op=dist.ReduceOp.SUM):
     return dict(zip(keys, t.tolist()))
 
 
-def per_micro_batch(fn, batch):
-    """fn(micro-batch) over the whole batch, in order, concatenated: the passes before the update."""
-    idx = torch.arange(len(batch["mask"]))
-    return torch.cat([fn(mb) for mb in ppo.micro_batches(batch, idx, args.micro_batch_tokens)])
-
-
 def sample(idx, seed):
     """group-size responses to each of this rank's prompts idx, scored: (prompts, samples, scores, seconds scoring)."""
     rows, prompts = train.batch(idx, tokenizer)
@@ -429,13 +423,14 @@ for step in bar:
     # 2. log-probs and advantages -----------------------------------------------------------------------------
     batch = rollout.to_batch(prompts, samples, args.group_size, pad_id, device, args.mask_truncated)
     with torch.no_grad():
+        mb_tokens = args.micro_batch_tokens
         # old: the policy that sampled, recomputed by the trainer; ref: the reference of the KL term
         for key, model in (("old_logp", policy if old_logp_first else None), ("ref_logp", ref)):
             if model is not None:
-                batch[key] = per_micro_batch(lambda mb: ppo.response_logprobs(model, mb, args.temperature, autocast),
-                                             batch)
+                batch[key] = ppo.per_micro_batch(lambda mb: ppo.response_logprobs(model, mb, args.temperature,
+                                                                                  autocast), batch, mb_tokens)
         if critic is not None:
-            batch["values"] = per_micro_batch(lambda mb: ppo.critic_values(critic, mb, autocast), batch)
+            batch["values"] = ppo.per_micro_batch(lambda mb: ppo.critic_values(critic, mb, autocast), batch, mb_tokens)
         score_t = torch.tensor(scores, dtype=torch.float32, device=device)
         algo_stats = algo.advantages(batch, score_t, args, kl_coef=kl_coef)
     t2 = time.time()
