@@ -7,6 +7,8 @@ Per rank, with N parameters (the critic: the backbone without the LM head, plus 
     optimizer  8 N / world        AdamW's two fp32 moments
     gradients  4 N / world        fp32, reduce-scattered; 4 N (unsharded) while a mini-batch's micro-batches
                                   accumulate them without sync (set_requires_gradient_sync(False))
+    gathered   b N                with --keep-gathered on: a model's unsharded copy through each pass (the policy's;
+                                  the critic's adds its own)
     reference  b N / world        frozen, in the run's dtype (b bytes a parameter), when the KL term is on
     critic     weights, optimizer and gradients of the critic as above (PPO)
     rollout    vLLM: --gpu-memory-utilization of the GPU (weights and KV cache; asleep during the update);
@@ -33,29 +35,29 @@ def param_counts(model_path):
 
 
 def plan(n_policy, n_critic, *, world, dtype_bytes, reference, critic, unsharded_grads, rollout, vllm_share,
-         device_bytes):
+         device_bytes, gathered=False):
     """Bytes per rank of each part (see the module docstring) and of the two peaks; n_critic is used with critic."""
     grad_share = 1 if unsharded_grads else 1 / world
     n_c = n_critic if critic else 0
     p = {"weights": 4 * n_policy / world, "optimizer": 8 * n_policy / world, "gradients": 4 * n_policy * grad_share,
          "reference": dtype_bytes * n_policy / world if reference else 0,
-         "critic": 12 * n_c / world + 4 * n_c * grad_share,
+         "critic": 12 * n_c / world + 4 * n_c * grad_share, "gathered": dtype_bytes * (n_policy + n_c) * gathered,
          "rollout": vllm_share * device_bytes if rollout == "vllm" else dtype_bytes * n_policy}
     resident = p["weights"] + p["optimizer"] + p["reference"] + 12 * n_c / world + p["rollout"] * (rollout == "hf")
     p["rollout_peak"] = resident + p["rollout"] * (rollout == "vllm")
-    p["update_peak"] = resident + p["gradients"] + 4 * n_c * grad_share
+    p["update_peak"] = resident + p["gradients"] + 4 * n_c * grad_share + p["gathered"]
     p["need"] = max(p["rollout_peak"], p["update_peak"])
     return p
 
 
 def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vllm_share, micro_batch_tokens,
-          mini_batch_tokens, device_bytes):
+          mini_batch_tokens, device_bytes, gathered=False):
     """(the plan's line, None) when the run fits, else (the plan's line, one line naming the flags that would
     fit, each on its own). mini_batch_tokens: the most tokens a mini-batch can hold on one rank (more than
     micro_batch_tokens: the gradients accumulate unsharded over its micro-batches)."""
     def run(**kw):
         kw = {**dict(world=world, reference=kl_coef > 0, critic=algo == "ppo", vllm_share=vllm_share,
-                     unsharded_grads=mini_batch_tokens > micro_batch_tokens), **kw}
+                     unsharded_grads=mini_batch_tokens > micro_batch_tokens, gathered=gathered), **kw}
         return plan(n_policy, n_critic, dtype_bytes=dtype_bytes, rollout=rollout, device_bytes=device_bytes, **kw)
 
     p = run()
@@ -66,6 +68,8 @@ def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vll
     fixes = []
     if p["gradients"] > 4 * n_policy / world:
         fixes.append((f"--micro-batch-tokens {mini_batch_tokens}", run(unsharded_grads=False)))
+    if p["gathered"]:
+        fixes.append(("--keep-gathered off", run(gathered=False)))
     if p["reference"]:
         fixes.append(("--kl-coef 0", run(reference=False)))
     if p["critic"]:
@@ -88,7 +92,7 @@ def check_run(model_path, args, world, kl_coef, dtype, device, master):
     gpu = torch.cuda.get_device_properties(device).total_memory
     line, problem = check(*param_counts(model_path), world=world, dtype_bytes=dtype.itemsize, algo=args.algo,
                           kl_coef=kl_coef, rollout=args.rollout, vllm_share=args.gpu_memory_utilization,
-                          micro_batch_tokens=args.micro_batch_tokens, device_bytes=gpu,
+                          micro_batch_tokens=args.micro_batch_tokens, device_bytes=gpu, gathered=args.keep_gathered,
                           mini_batch_tokens=(args.mini_batch_prompts or args.batch_prompts) // world * args.group_size
                           * (args.max_prompt_len + args.max_response_len))
     if master:

@@ -26,6 +26,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean", "token-sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -231,26 +232,46 @@ def build_critic(model_path, dtype):
 
 
 def pack(batch):
-    """The micro-batch's sequences laid end to end in one row, without padding, for a packed forward pass.
+    """The micro-batch's sequences laid end to end in one row, without padding, each prompt once per group.
 
     batch: rollout.to_batch()'s layout, input_ids [B, P + T] with prompts left-padded to P and responses right-padded
-    to T, attention_mask 1 on real tokens. Returns (input_ids [1, L], position_ids [1, L], index [N], rows [N],
-    cols [N]): L = the real tokens of all B sequences. Positions restart at 0 with each sequence: given them and no
-    attention_mask, transformers keeps attention within each sequence (a block-diagonal causal mask; with
-    flash-attention, its variable-length kernels). Logits at position i predict token i + 1, so response token t
-    of row b, at packed position start_b + prompt_b + t, is scored at index = start_b + prompt_b + t - 1; its
-    result goes to [rows, cols] = [b, t] of the response layout. N = the batch's response tokens.
-    Example: prompts [7 8] and [9], responses [1 2] and [3]: ids [7 8 1 2 9 3], positions [0 1 2 3 0 1],
-    index [1 2 4], rows [0 0 1], cols [0 1 0].
+    to T, attention_mask 1 on real tokens, group [B] the prompt of each row (optional). Consecutive rows of one
+    group share their prompt: it is laid out once, before the first of them, and each of their responses attends
+    to it and to itself (keys and values of the prompt are the same for every response: computing them once is
+    exact). Returns (input_ids [1, L], position_ids [1, L], attention_mask, index [N], rows [N], cols [N]):
+    L = the prompts once plus the responses; positions count from 0 within each sequence (prompt + response);
+    attention_mask [1, 1, L, L] (True: may attend) where a prompt is shared, else None (transformers then builds
+    the block-diagonal causal mask from the positions, or flash-attention's variable-length kernels where set).
+    Logits at position i predict token i + 1: response token t > 0 of row b is scored at its own position - 1,
+    token 0 at the last position of its prompt; its result goes to [rows, cols] = [b, t] of the response layout.
+    N = the batch's response tokens. Example, no shared prompt: prompts [7 8] and [9], responses [1 2] and [3]:
+    ids [7 8 1 2 9 3], positions [0 1 2 3 0 1], index [1 2 4], rows [0 0 1], cols [0 1 0]. Shared: prompt [7 8]
+    with responses [1 2] and [3]: ids [7 8 1 2 3], positions [0 1 2 3 2], index [1 2 1], rows [0 0 1], cols [0 1 0].
     """
     attn = batch["attention_mask"].bool()
-    T = batch["response_ids"].shape[1]
-    lengths = attn.sum(-1)
-    starts = lengths.cumsum(0) - lengths
-    positions = torch.arange(int(lengths.sum()), device=attn.device) - starts.repeat_interleave(lengths)
+    B, T = batch["response_ids"].shape
+    group = batch.get("group", torch.arange(B, device=attn.device))
+    first = torch.ones(B, dtype=torch.bool, device=attn.device)  # the rows that lay out their group's prompt
+    first[1:] = group[1:] != group[:-1]
+    keep = attn.clone()
+    keep[~first, :-T] = False
+    n_prompt, n_kept = attn[:, :-T].sum(-1), keep.sum(-1)
+    starts = n_kept.cumsum(0) - n_kept
+    owner = torch.where(first, torch.arange(B, device=attn.device), 0).cummax(0).values  # row holding b's prompt
     rows, cols = attn[:, -T:].nonzero(as_tuple=True)  # the generated tokens, in row-major (packed) order
-    index = starts[rows] + attn[:, :-T].sum(-1)[rows] + cols - 1
-    return batch["input_ids"][attn][None], positions[None], index, rows, cols
+    response_start = starts + torch.where(first, n_prompt, 0)
+    index = torch.where(cols == 0, (starts[owner] + n_prompt - 1)[rows], response_start[rows] + cols - 1)
+    positions = (attn.cumsum(-1) - 1)[keep]
+    mask = None
+    if not first.all():  # query q sees key k <= q of its group's prompt or of its own row
+        row = torch.arange(B, device=attn.device)[:, None].expand(B, attn.shape[1])[keep]
+        prompt = torch.zeros_like(attn)
+        prompt[:, :-T] = True
+        prompt = prompt[keep]
+        grp, L = owner[row], len(row)
+        see = (grp[:, None] == grp[None]) & (prompt[None] | (row[:, None] == row[None]))
+        mask = (see & torch.ones(L, L, dtype=torch.bool, device=attn.device).tril())[None, None]
+    return batch["input_ids"][keep][None], positions[None], mask, index, rows, cols
 
 
 def _unpack(flat, rows, cols, shape):
@@ -259,15 +280,21 @@ def _unpack(flat, rows, cols, shape):
 
 
 def micro_batches(batch, idx, budget):
-    """The rows idx of batch, in order, in micro-batches of at most `budget` real tokens (a longer sequence alone),
-    for pack(). Every rank gets as many micro-batches (each FSDP2 forward is a collective, so the ranks must run
-    the same number): a rank that needs fewer than another halves its largest ones."""
-    lengths = batch["attention_mask"][idx].sum(-1).tolist()
+    """The rows idx of batch, in order, in micro-batches of at most `budget` tokens as pack() lays them out (a
+    prompt once for consecutive rows of one group; a longer sequence alone). Every rank gets as many micro-batches
+    (each FSDP2 forward is a collective, so the ranks must run the same number): a rank that needs fewer than
+    another halves its largest ones."""
+    attn = batch["attention_mask"][idx]
+    lengths = attn.sum(-1).tolist()
+    group = batch["group"][idx].tolist() if "group" in batch else range(len(lengths))
+    responses = attn[:, -batch["response_ids"].shape[1]:].sum(-1).tolist() if "group" in batch else lengths
     parts, tokens = [[]], 0
     for k, n in enumerate(lengths):
+        if parts[-1] and group[k] == group[k - 1]:
+            n = responses[k]  # its prompt is already in this micro-batch
         if parts[-1] and tokens + n > budget:
             parts.append([])
-            tokens = 0
+            tokens, n = 0, lengths[k]
         parts[-1].append(k)
         tokens += n
     count = torch.tensor([len(parts)], device=batch["attention_mask"].device)
@@ -278,6 +305,15 @@ def micro_batches(batch, idx, budget):
         parts[j:j + 1] = [parts[j][:len(parts[j]) // 2], parts[j][len(parts[j]) // 2:]]
     for part in parts:
         yield {k: v[idx[part]] for k, v in batch.items()}
+
+
+def reshard(model):
+    """Free the gathered (unsharded) parameters of an FSDP2 model: a module built with reshard_after_forward=False
+    (train.py's --keep-gathered) keeps them after a forward pass, so a forward-only pass ends with this. A no-op on
+    parameters that are sharded already, and on a model without FSDP."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def per_micro_batch(fn, batch, budget):
@@ -295,9 +331,10 @@ def response_logprobs(model, batch, temperature, autocast=contextlib.nullcontext
     entropy is computed without autograd (and in chunks) unless entropy_grad: only an entropy bonus needs its
     gradient. autocast wraps the forward only; the softmax runs in float32.
     """
-    ids, positions, index, rows, cols = pack(batch)
+    ids, positions, mask, index, rows, cols = pack(batch)
     with autocast:
-        logits = model(input_ids=ids, position_ids=positions, logits_to_keep=index, use_cache=False).logits[0]
+        logits = model(input_ids=ids, position_ids=positions, attention_mask=mask, logits_to_keep=index,
+                       use_cache=False).logits[0]
     z = logits.float() if temperature == 1.0 else logits.float() / temperature
     tokens, shape = batch["response_ids"][rows, cols], batch["response_ids"].shape
     logp = _unpack(z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1), rows, cols, shape)
@@ -317,9 +354,9 @@ def critic_values(critic, batch, autocast=contextlib.nullcontext()):
     seen the tokens before it: the state BEFORE the token is emitted. That is the same position as its log-prob,
     so values[:, t], logp[:, t] and mask[:, t] all refer to response token t.
     """
-    ids, positions, index, rows, cols = pack(batch)
+    ids, positions, mask, index, rows, cols = pack(batch)
     with autocast:
-        out = critic(input_ids=ids, position_ids=positions, use_cache=False).logits[0, index, 0]
+        out = critic(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False).logits[0, index, 0]
     return _unpack(out.float(), rows, cols, batch["response_ids"].shape)
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import grpo
-from ppo import masked_whiten, micro_batches, per_micro_batch, response_logprobs
+from ppo import masked_whiten, micro_batches, per_micro_batch, reshard, response_logprobs
 
 PRM = {}  # set once by train.py through use(): the PRM (FSDP2), its optimizer and schedule, the forwards' autocast
 loss = grpo.loss  # the policy's loss: clipped surrogate + KL loss, as GRPO's
@@ -87,6 +87,7 @@ def train_step(batch, args):
     mbs = list(micro_batches(batch, torch.arange(n), args.micro_batch_tokens))
     for j, mb in enumerate(mbs):
         model.set_requires_gradient_sync(j == len(mbs) - 1)  # reduce-scatter once, after the last micro-batch
+        model.set_reshard_after_backward(j == len(mbs) - 1 or not args.keep_gathered)  # as train.py's update
         logp = response_logprobs(model, mb, args.temperature, PRM["autocast"])
         rewards = implicit_rewards(logp, mb["ref_logp"], mb["mask"], args.prm_beta)
         step_loss = prm_loss(rewards, mb["labels"], mb["mask"], denom=n)
@@ -110,7 +111,7 @@ def advantages(batch, scores, args, kl_coef):
     metrics: prm_loss, prm_grad_norm, prm_acc (ranking accuracy before the step), prm_reward (mean summed
     implicit reward after it), prm_skipped."""
     labels = (scores == 1.0).float()  # the outcome label: solved or not (0.1 is a well-formed wrong answer)
-    keys = ("input_ids", "attention_mask", "response_ids", "mask", "ref_logp")
+    keys = ("input_ids", "attention_mask", "response_ids", "mask", "ref_logp", "group")
     inputs = {**{k: batch[k] for k in keys}, "labels": labels}
     with torch.enable_grad():
         step_loss, norm, skipped, seq_before = train_step(inputs, args)
@@ -118,6 +119,7 @@ def advantages(batch, scores, args, kl_coef):
     model.eval()
     logp = per_micro_batch(lambda mb: response_logprobs(model, mb, args.temperature, PRM["autocast"]), inputs,
                            args.micro_batch_tokens)
+    reshard(model)
     mask = batch["mask"]
     process = implicit_rewards(logp, batch["ref_logp"], mask, args.prm_beta)
     scale = process.flip(-1).cumsum(-1).abs().max().reshape(1)

@@ -199,7 +199,8 @@ def to_batch(prompts, samples, n, pad_id, device, mask_truncated=False):
     input_ids [B, P + T]: prompt i (left-padded to P) followed by each of its n responses (right-padded to T).
     mask [B, T]: 1.0 on the response tokens that enter the loss (EOS included; with mask_truncated, none of a
     truncated response). valid [B, T]: 1.0 on every generated token. sampler_logp [B, T]: the engine's own
-    log-probs, kept to check them against the trainer's.
+    log-probs, kept to check them against the trainer's. group [B]: the prompt of each row (pack() lays a
+    prompt out once for the consecutive rows of its group).
     """
     P = max(len(q) for q in prompts)
     T = max(1, max(len(s["token_ids"]) for s in samples))
@@ -217,7 +218,7 @@ def to_batch(prompts, samples, n, pad_id, device, mask_truncated=False):
         if not (mask_truncated and s["truncated"]):
             mask[k, :len(r)] = 1.0
     batch = {"input_ids": ids, "attention_mask": attn, "response_ids": ids[:, P:], "mask": mask, "valid": valid,
-             "sampler_logp": sampler_logp}
+             "sampler_logp": sampler_logp, "group": torch.arange(B) // n}
     return {k: v.to(device) for k, v in batch.items()}
 
 

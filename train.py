@@ -90,6 +90,10 @@ g.add_argument("--mini-batch-prompts", type=COUNT, default=0, help="prompts per 
 g.add_argument("--micro-batch-tokens", type=cli.number(int, 1, auto=True), default="auto", help="tokens per "
                "packed forward/backward on a rank (memory); a longer sequence goes alone; auto: 8192 on CUDA, 384 "
                "on CPU (1-2 sequences: there attention under a packing mask costs the square of the row's length)")
+g.add_argument("--keep-gathered", default="auto", choices=["auto", "on", "off"], help="keep FSDP2's gathered "
+               "parameters through a whole pass (a forward-only pass, a mini-batch's micro-batches) rather than "
+               "gathering them for each micro-batch: fewer collectives, a full copy per rank meanwhile; auto: on on CPU "
+               "(each gloo collective costs milliseconds), off on CUDA (memory)")
 g.add_argument("--epochs-per-batch", type=POSITIVE, default=1, help="passes over each batch of rollouts")
 g.add_argument("--warmup", type=COUNT, default=0, help="steps of linear learning-rate warm-up, then constant")
 g.add_argument("--weight-decay", type=COEF, default=0.0, help="AdamW weight decay")
@@ -153,6 +157,7 @@ device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and cuda) else torch.float32
 if args.micro_batch_tokens == "auto":  # CPU: short rows, see README
     args.micro_batch_tokens = 8192 if cuda else 384
+args.keep_gathered = args.keep_gathered == "on" or (args.keep_gathered == "auto" and not cuda)
 
 # ----------------------------------------------------------------------------------------------------------
 # check the input before anything heavy: each problem is one line, before any model loads
@@ -251,7 +256,7 @@ def load_model(path, trainable, critic=False, dtype=torch.float32):
     if not trainable:
         model.requires_grad_(False).eval()
     for layer in model.model.layers:  # one FSDP unit per decoder layer: gathered just in time, then the root
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not args.keep_gathered)
     return fully_shard(model, mesh=mesh, mp_policy=mp_policy)
 
 
@@ -326,7 +331,10 @@ def update(batch):
         sums[k] = sums.get(k, 0.0) + float(v) * w
 
     for epoch in range(args.epochs_per_batch):
-        perm = torch.randperm(n_local) if args.epochs_per_batch > 1 or per_mini < n_local else torch.arange(n_local)
+        perm = torch.arange(n_local)  # mini-batches of whole groups, shuffled: a group's prompt is computed once
+        if args.epochs_per_batch > 1 or per_mini < n_local:
+            perm = (torch.randperm(n_local // args.group_size)[:, None] * args.group_size + torch.arange(
+                args.group_size)).flatten()
         for start in range(0, n_local, per_mini):
             rows = perm[start:start + per_mini]
             # Every micro-batch's loss is its share of the loss of the whole mini-batch over all ranks: the
@@ -339,6 +347,8 @@ def update(batch):
             for j, mb in enumerate(mbs):
                 for model, *_ in updated:  # reduce-scatter the gradients once per mini-batch, not per micro
                     model.set_requires_gradient_sync(j == len(mbs) - 1)
+                    # --keep-gathered: the last backward reshards, so that the optimizer steps the shards
+                    model.set_reshard_after_backward(j == len(mbs) - 1 or not args.keep_gathered)
                 logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True,
                                                     entropy_grad=args.entropy_coef > 0)
                 # With one epoch and one mini-batch the policy that sampled is this one: old = new, detached.
@@ -429,8 +439,10 @@ for step in bar:
             if model is not None:
                 batch[key] = ppo.per_micro_batch(lambda mb: ppo.response_logprobs(model, mb, args.temperature,
                                                                                   autocast), batch, mb_tokens)
+                ppo.reshard(model)  # what --keep-gathered kept through the pass
         if critic is not None:
             batch["values"] = ppo.per_micro_batch(lambda mb: ppo.critic_values(critic, mb, autocast), batch, mb_tokens)
+            ppo.reshard(critic)
         score_t = torch.tensor(scores, dtype=torch.float32, device=device)
         algo_stats = algo.advantages(batch, score_t, args, kl_coef=kl_coef)
     t2 = time.time()

@@ -467,12 +467,33 @@ def _packed_batch():
 
 
 def test_pack_by_hand():
-    ids, positions, index, rows, cols = ppo.pack(_packed_batch())
+    ids, positions, mask, index, rows, cols = ppo.pack(_packed_batch())
     # row 0: 7 8 | 1 2 (4 tokens), row 1: [pad] 9 | 3 [pad] (2 tokens) -> 6 tokens end to end
     assert ids.tolist() == [[7, 8, 1, 2, 9, 3]]
     assert positions.tolist() == [[0, 1, 2, 3, 0, 1]]  # restart per sequence: attention stays within it
+    assert mask is None  # no shared prompt: transformers builds the block-diagonal mask from the positions
     # response token 1 sits at packed 2 and is predicted at 1; token 2 at 3 (from 2); token 3 at 5 (from 4)
     assert index.tolist() == [1, 2, 4] and rows.tolist() == [0, 0, 1] and cols.tolist() == [0, 1, 0]
+
+
+def test_pack_shares_a_groups_prompt_by_hand():
+    """Prompt [7 8] with responses [1 2] and [3] (one group), then prompt [9] with [4]: each prompt once."""
+    import rollout
+    samples = [{"token_ids": r, "logprobs": [0.0] * len(r), "truncated": False} for r in ([1, 2], [3], [4], [5])]
+    batch = rollout.to_batch([[7, 8], [9]], samples, 2, 0, torch.device("cpu"))  # groups [0 0 1 1]
+    ids, positions, mask, index, rows, cols = ppo.pack({k: v[:3] for k, v in batch.items()})
+    assert ids.tolist() == [[7, 8, 1, 2, 3, 9, 4]]
+    assert positions.tolist() == [[0, 1, 2, 3, 2, 0, 1]]  # response [3] sits after the prompt, at 2
+    # token 1 from the prompt's last position 1, token 2 from 2; token 3 ALSO from 1; token 4 from 5
+    assert index.tolist() == [1, 2, 1, 5] and rows.tolist() == [0, 0, 1, 2] and cols.tolist() == [0, 1, 0, 0]
+    see = [[1, 0, 0, 0, 0, 0, 0],   # 7
+           [1, 1, 0, 0, 0, 0, 0],   # 8
+           [1, 1, 1, 0, 0, 0, 0],   # 1: the prompt and itself
+           [1, 1, 1, 1, 0, 0, 0],   # 2
+           [1, 1, 0, 0, 1, 0, 0],   # 3: the prompt and itself, not the other response
+           [0, 0, 0, 0, 0, 1, 0],   # 9: another group
+           [0, 0, 0, 0, 0, 1, 1]]   # 4
+    assert mask.shape == (1, 1, 7, 7) and mask[0, 0].long().tolist() == see
 
 
 def _tiny_lm(vocab=50):
@@ -505,6 +526,27 @@ def test_packed_logprobs_equal_each_sequence_alone():
         assert (logp[k, len(r):] == 0).all() and (ent[k, len(r):] == 0).all()  # padding: 0, not garbage
 
 
+def test_a_shared_prompt_gives_the_same_gradients():
+    """Computing a group's prompt once is exact: log-probs and parameter gradients equal those of the same
+    sequences packed each with its own prompt copy (the batch without its group key)."""
+    import rollout
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 50, (n,), generator=g).tolist() for n in (6, 3)]
+    samples = [{"token_ids": torch.randint(1, 50, (n,), generator=g).tolist(), "truncated": False,
+                "logprobs": [0.0] * n} for n in (4, 1, 5, 3, 2, 6)]  # 3 per prompt
+    batch = rollout.to_batch(prompts, samples, 3, 0, torch.device("cpu"))
+    alone = {k: v for k, v in batch.items() if k != "group"}
+    assert ppo.pack(batch)[0].shape[1] == 6 + 3 + 21 < ppo.pack(alone)[0].shape[1] == 3 * 6 + 3 * 3 + 21
+    grads = []
+    for b in (batch, alone):
+        model = _tiny_lm()
+        logp = ppo.response_logprobs(model, b, 0.9)
+        (logp * torch.arange(1.0, 7.0)[:, None]).sum().backward()  # a different weight per sequence
+        grads.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert close(grads[0][0], grads[1][0], atol=1e-5)
+    assert all(close(a, b, atol=1e-5) for a, b in zip(grads[0][1], grads[1][1]))
+
+
 def test_entropy_has_a_gradient_only_when_asked():
     batch = _packed_batch()
     model = _tiny_lm()
@@ -524,6 +566,18 @@ def test_micro_batches_by_token_budget():
     assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.tensor([3, 0, 2]), 9)] == [[3], [0, 2]]
     # a sequence longer than the budget goes alone; nothing is dropped or reordered
     assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 6)] == [[0], [1], [2], [3]]
+
+
+def test_micro_batches_count_a_shared_prompt_once():
+    # prompt of 3 tokens, responses of 2, 1, 4 (one group), then a prompt of 1 with a response of 1
+    attn = t([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0],
+              [0, 0, 1, 1, 0, 0, 0, 0]]).long()
+    batch = {"attention_mask": attn, "response_ids": attn[:, 3:], "group": t([0, 0, 0, 1]).long(),
+             "row": torch.arange(4)}
+    # laid out: 3 + 2 = 5, + 1 = 6, + 4 = 10 (the prompt once), then 1 + 1 = 2: budget 10 -> [0 1 2] [3]
+    assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 10)] == [[0, 1, 2], [3]]
+    # budget 9: row 2 starts a micro-batch and brings its prompt again: 3 + 4 = 7, + 2 = 9
+    assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 9)] == [[0, 1], [2, 3]]
 
 
 def _equal_counts(rank, world, port, out):

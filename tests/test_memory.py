@@ -60,6 +60,14 @@ def test_hf_rollout_keeps_an_unsharded_copy_in_the_run_dtype():
     assert p["rollout_peak"] == 6 * 494_032_768 + 988_065_536  # 4N/2 weights + 8N/2 AdamW + the copy
 
 
+def test_keep_gathered_adds_an_unsharded_copy_to_the_update_peak():
+    kw = dict(world=2, dtype_bytes=2, reference=False, critic=False, unsharded_grads=False, rollout="vllm",
+              vllm_share=0.3, device_bytes=GB80)
+    off, on = (memory.plan(494_032_768, 0, gathered=g, **kw) for g in (False, True))
+    assert on["gathered"] == 988_065_536 and off["gathered"] == 0  # 2 bytes x N: the whole policy, not a shard
+    assert on["update_peak"] - off["update_peak"] == 988_065_536 and on["rollout_peak"] == off["rollout_peak"]
+
+
 def test_check_fails_in_one_line_naming_the_flags_that_would_fit():
     """3B PPO on one 80 GB GPU needs 97.7 GiB: GRPO alone fits (62.6 GiB at the rollout), so does a second GPU
     (60.4 GiB at the update); --kl-coef 0 alone does not (92.0), nor any vLLM share (the update alone is 97.7)."""

@@ -244,6 +244,23 @@ def test_resume_ppo(tmp_path):
 
 
 @pytest.mark.slow
+def test_keep_gathered_changes_no_number(tmp_path):
+    """--keep-gathered on (FSDP2 gathers each unit once per pass, the CPU default) and off (once per micro-batch,
+    the CUDA default) train the same: PPO (the policy and the critic move) with two mini-batches of two
+    micro-batches each (a shared prompt split between them), a reference and its forward-only passes."""
+    for mode in ("on", "off"):
+        train(tmp_path / mode, steps=2, rollout="hf", algo="ppo", keep_gathered=mode, mini_batch_prompts=2,
+              micro_batch_tokens=600, eval_every=0)
+    on, off = read_metrics(tmp_path / "on"), read_metrics(tmp_path / "off")
+    assert len(on) == len(off) == 2 and on[-1]["grad_norm"] > 0
+    for a, b in zip(on, off):
+        assert_same_metrics(a, b, "--keep-gathered on vs off")
+    files = assert_same_weights(str(tmp_path / "on" / "checkpoints" / "step_2"),
+                                str(tmp_path / "off" / "checkpoints" / "step_2"))
+    assert any(f.startswith("critic") for f in files)
+
+
+@pytest.mark.slow
 def test_resume_prime(tmp_path):
     """PRIME (hf engine): the PRM learns from the outcome labels even when every score is 0, so its weights, its
     optimizer and its schedule must come back from the checkpoint (prm/ beside the policy) for the last step's
