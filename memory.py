@@ -5,8 +5,8 @@ only when it starts, before AdamW allocates its state lazily: the shortfall woul
 Per rank, with N parameters (the critic: the backbone without the LM head, plus a value head), `world` ranks:
     weights    4 N / world        fp32 master weights, sharded by FSDP2
     optimizer  8 N / world        AdamW's two fp32 moments
-    gradients  4 N / world        fp32, reduce-scattered; 4 N (unsharded) while a mini-batch's micro-batches
-                                  accumulate them without sync (set_requires_gradient_sync(False))
+    gradients  4 N / world        fp32, reduce-scattered after each micro-batch; with --keep-gathered on, 4 N
+                                  (unsharded) while a mini-batch's micro-batches accumulate them without sync
     gathered   b N                with --keep-gathered on: a model's unsharded copy through each pass (the policy's;
                                   the critic's adds its own)
     reference  b N / world        frozen, in the run's dtype (b bytes a parameter), when the KL term is on
@@ -54,10 +54,10 @@ def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vll
           mini_batch_tokens, device_bytes, gathered=False):
     """(the plan's line, None) when the run fits, else (the plan's line, one line naming the flags that would
     fit, each on its own). mini_batch_tokens: the most tokens a mini-batch can hold on one rank (more than
-    micro_batch_tokens: the gradients accumulate unsharded over its micro-batches)."""
+    micro_batch_tokens with --keep-gathered: the gradients accumulate unsharded over its micro-batches)."""
     def run(**kw):
         kw = {**dict(world=world, reference=kl_coef > 0, critic=algo == "ppo", vllm_share=vllm_share,
-                     unsharded_grads=mini_batch_tokens > micro_batch_tokens, gathered=gathered), **kw}
+                     unsharded_grads=gathered and mini_batch_tokens > micro_batch_tokens, gathered=gathered), **kw}
         return plan(n_policy, n_critic, dtype_bytes=dtype_bytes, rollout=rollout, device_bytes=device_bytes, **kw)
 
     p = run()
@@ -66,10 +66,8 @@ def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vll
     if p["need"] <= device_bytes:
         return line, None
     fixes = []
-    if p["gradients"] > 4 * n_policy / world:
-        fixes.append((f"--micro-batch-tokens {mini_batch_tokens}", run(unsharded_grads=False)))
-    if p["gathered"]:
-        fixes.append(("--keep-gathered off", run(gathered=False)))
+    if gathered:
+        fixes.append(("--keep-gathered off", run(gathered=False, unsharded_grads=False)))
     if p["reference"]:
         fixes.append(("--kl-coef 0", run(reference=False)))
     if p["critic"]:

@@ -363,15 +363,18 @@ def critic_values(critic, batch, autocast=contextlib.nullcontext()):
 def value_loss(values, old_values, returns, mask, clip=0.5, agg="token-mean", denom=None):
     """Clipped value loss (PPO2 / veRL): loss_tok = 0.5 * max((v - R)^2, (v_clipped - R)^2), where
     v_clipped = old + clamp(v - old, -clip, clip) keeps each update's value change within `clip` of the
-    value at rollout time. stats: 'vf_clip_frac' share of valid tokens where the clipped term was larger.
-    agg and denom as in aggregate ('token-sum' needs denom = B * max_len here).
+    value at rollout time. stats: 'vf_clip_frac' share of valid tokens where the clip is active and the clipped
+    term was larger (inside the clip v_clipped is v up to rounding: comparing the two losses alone would count
+    rounding noise). agg and denom as in aggregate ('token-sum' needs denom = B * max_len here).
     """
-    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    delta = values - old_values
+    v_clipped = old_values + delta.clamp(-clip, clip)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (v_clipped - returns) ** 2
     loss = 0.5 * aggregate(torch.maximum(loss_unclipped, loss_clipped), mask, agg, denom=denom)
     with torch.no_grad():
-        stats = {"vf_clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+        clipped = (delta.abs() > clip) & (loss_clipped > loss_unclipped)
+        stats = {"vf_clip_frac": masked_mean(clipped.float(), mask)}
     return loss, stats
 
 

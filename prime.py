@@ -86,8 +86,9 @@ def train_step(batch, args):
     total, seq = 0.0, []
     mbs = list(micro_batches(batch, torch.arange(n), args.micro_batch_tokens))
     for j, mb in enumerate(mbs):
-        model.set_requires_gradient_sync(j == len(mbs) - 1)  # reduce-scatter once, after the last micro-batch
-        model.set_reshard_after_backward(j == len(mbs) - 1 or not args.keep_gathered)  # as train.py's update
+        last = j == len(mbs) - 1 or not args.keep_gathered  # as train.py's update
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
         logp = response_logprobs(model, mb, args.temperature, PRM["autocast"])
         rewards = implicit_rewards(logp, mb["ref_logp"], mb["mask"], args.prm_beta)
         step_loss = prm_loss(rewards, mb["labels"], mb["mask"], denom=n)

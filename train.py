@@ -90,10 +90,11 @@ g.add_argument("--mini-batch-prompts", type=COUNT, default=0, help="prompts per 
 g.add_argument("--micro-batch-tokens", type=cli.number(int, 1, auto=True), default="auto", help="tokens per "
                "packed forward/backward on a rank (memory); a longer sequence goes alone; auto: 8192 on CUDA, 384 "
                "on CPU (1-2 sequences: there attention under a packing mask costs the square of the row's length)")
-g.add_argument("--keep-gathered", default="auto", choices=["auto", "on", "off"], help="keep FSDP2's gathered "
-               "parameters through a whole pass (a forward-only pass, a mini-batch's micro-batches) rather than "
-               "gathering them for each micro-batch: fewer collectives, a full copy per rank meanwhile; auto: on on CPU "
-               "(each gloo collective costs milliseconds), off on CUDA (memory)")
+g.add_argument("--keep-gathered", default="auto", choices=["auto", "on", "off"], help="FSDP2 keeps a model's "
+               "parameters gathered through a whole pass (a forward-only pass; a mini-batch, whose gradients are then "
+               "reduce-scattered once) rather than gathering and reduce-scattering per micro-batch: fewer collectives, "
+               "a full copy of parameters and gradients per rank meanwhile; auto: on on CPU (a gloo collective costs "
+               "milliseconds), off on CUDA (memory)")
 g.add_argument("--epochs-per-batch", type=POSITIVE, default=1, help="passes over each batch of rollouts")
 g.add_argument("--warmup", type=COUNT, default=0, help="steps of linear learning-rate warm-up, then constant")
 g.add_argument("--weight-decay", type=COEF, default=0.0, help="AdamW weight decay")
@@ -345,10 +346,10 @@ def update(batch):
             denom = allreduce({"d": local})["d"] / world
             mbs, loss_sum = list(ppo.micro_batches(batch, rows, args.micro_batch_tokens)), 0.0
             for j, mb in enumerate(mbs):
-                for model, *_ in updated:  # reduce-scatter the gradients once per mini-batch, not per micro
-                    model.set_requires_gradient_sync(j == len(mbs) - 1)
-                    # --keep-gathered: the last backward reshards, so that the optimizer steps the shards
-                    model.set_reshard_after_backward(j == len(mbs) - 1 or not args.keep_gathered)
+                for model, *_ in updated:  # --keep-gathered: gather the parameters and reduce-scatter the
+                    last = j == len(mbs) - 1 or not args.keep_gathered  # gradients once per mini-batch
+                    model.set_requires_gradient_sync(last)
+                    model.set_reshard_after_backward(last)  # the optimizer steps the shards
                 logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True,
                                                     entropy_grad=args.entropy_coef > 0)
                 # With one epoch and one mini-batch the policy that sampled is this one: old = new, detached.

@@ -350,6 +350,16 @@ def test_masked_whiten_and_mean_by_hand():
     assert (ppo.masked_whiten(x, torch.zeros_like(mask)) == 0).all()  # no valid token (all masked): 0, no crash
 
 
+def test_vf_clip_frac_counts_no_rounding_noise():
+    """Inside the clip, old + (v - old) is v up to rounding: those tokens are never counted as clipped."""
+    g = torch.Generator().manual_seed(0)
+    old, v = (0.4 * torch.rand(4096, generator=g) - 0.2 for _ in range(2))  # |v - old| < 0.4 < clip 0.5
+    ret = torch.randn(4096, generator=g)
+    assert ((old + (v - old) - ret) ** 2 > (v - ret) ** 2).any()  # the naive comparison would count some
+    _, stats = ppo.value_loss(v[None], old[None], ret[None], torch.ones(1, 4096), clip=0.5)
+    assert stats["vf_clip_frac"] == 0
+
+
 def test_value_loss_clipping_by_hand():
     # clip 0.5; v_clipped = old + clamp(v - old, -0.5, 0.5)
     #   1: old 0, v  1.0, R  1: v_clip  0.5; (v-R)^2 = 0,    (vc-R)^2 = 0.25 -> 0.25 clipped branch

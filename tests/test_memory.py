@@ -43,7 +43,8 @@ def test_plan_of_3b_ppo_on_one_gpu():
 
 
 def test_plan_shards_with_ranks_except_accumulated_gradients():
-    """8 ranks: everything sharded 8 ways but the gradients a mini-batch accumulates over micro-batches."""
+    """8 ranks: everything sharded 8 ways but the gradients a mini-batch accumulates over micro-batches (with
+    --keep-gathered on)."""
     kw = dict(dtype_bytes=2, reference=True, critic=False, rollout="vllm", vllm_share=0.3, device_bytes=GB80)
     one, eight = (memory.plan(N3, C3, world=w, unsharded_grads=True, **kw) for w in (1, 8))
     for k in ("weights", "optimizer", "reference"):
@@ -66,6 +67,18 @@ def test_keep_gathered_adds_an_unsharded_copy_to_the_update_peak():
     off, on = (memory.plan(494_032_768, 0, gathered=g, **kw) for g in (False, True))
     assert on["gathered"] == 988_065_536 and off["gathered"] == 0  # 2 bytes x N: the whole policy, not a shard
     assert on["update_peak"] - off["update_peak"] == 988_065_536 and on["rollout_peak"] == off["rollout_peak"]
+
+
+def test_check_names_keep_gathered_off_when_the_gathered_copies_do_not_fit():
+    """3B GRPO on 8 GPUs of 20 GB with --keep-gathered on: the update holds 12N/8 of sharded state + 4N of
+    unsharded gradients + 2N of gathered bf16 parameters = 7.5 N = 23.1 GB; off: 1.5 N + 4N/8 = 2 N = 6.2 GB."""
+    kw = dict(world=8, dtype_bytes=2, algo="grpo", kl_coef=0, rollout="vllm", vllm_share=0.3, micro_batch_tokens=8192,
+              mini_batch_tokens=64 * 1280, device_bytes=20e9)
+    line, problem = memory.check(N3, C3, gathered=True, **kw)
+    assert f"update_peak {7.5 * N3 / 2**30:.1f}" in line
+    assert problem.endswith("would fit: --keep-gathered off or 32 GPUs")  # 16 GPUs: 6.75 N = 20.8 GB
+    line, problem = memory.check(N3, C3, gathered=False, **kw)
+    assert problem is None and f"update_peak {2 * N3 / 2**30:.1f}" in line
 
 
 def test_check_fails_in_one_line_naming_the_flags_that_would_fit():
