@@ -88,8 +88,8 @@ g.add_argument("--lr", type=RATE, default="auto", help=f"policy learning rate; a
                f"small models, {TINYZERO['lr']:g} (TinyZero) for any other")
 g.add_argument("--mini-batch-prompts", type=COUNT, default=0, help="prompts per optimizer step; 0: the batch")
 g.add_argument("--micro-batch-tokens", type=cli.number(int, 1, auto=True), default="auto", help="tokens per "
-               "packed forward/backward on a rank (memory); a longer sequence goes alone; auto: 8192 on CUDA, 384 "
-               "on CPU (1-2 sequences: there attention under a packing mask costs the square of the row's length)")
+               "packed forward/backward on a rank (memory; a prompt counts once per group; longer sequences alone); "
+               "auto: 8192 on CUDA, 384 on CPU (there attention under a packing mask costs the square of the row)")
 g.add_argument("--keep-gathered", default="auto", choices=["auto", "on", "off"], help="FSDP2 keeps a model's "
                "parameters gathered through a whole pass (a forward-only pass; a mini-batch, whose gradients are then "
                "reduce-scattered once) rather than gathering and reduce-scattering per micro-batch: fewer collectives, "
