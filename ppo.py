@@ -307,6 +307,15 @@ def micro_batches(batch, idx, budget):
         yield {k: v[idx[part]] for k, v in batch.items()}
 
 
+def sync_after_backward(model, last):
+    """FSDP2 between the micro-batches of one optimizer step: after the last one (or after each, when `last` is
+    always True) reduce-scatter the gradients and reshard the parameters; before it keep both unsharded, so the next
+    micro-batch gathers nothing (train.py's --keep-gathered). The two go together: parameters still gathered when
+    the optimizer steps the shards would be stale in the next forward."""
+    model.set_requires_gradient_sync(last)
+    model.set_reshard_after_backward(last)
+
+
 def reshard(model):
     """Free the gathered (unsharded) parameters of an FSDP2 model: a module built with reshard_after_forward=False
     (train.py's --keep-gathered) keeps them after a forward pass, so a forward-only pass ends with this. A no-op on

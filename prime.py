@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import grpo
-from ppo import masked_whiten, micro_batches, per_micro_batch, reshard, response_logprobs
+from ppo import masked_whiten, micro_batches, per_micro_batch, reshard, response_logprobs, sync_after_backward
 
 PRM = {}  # set once by train.py through use(): the PRM (FSDP2), its optimizer and schedule, the forwards' autocast
 loss = grpo.loss  # the policy's loss: clipped surrogate + KL loss, as GRPO's
@@ -86,9 +86,7 @@ def train_step(batch, args):
     total, seq = 0.0, []
     mbs = list(micro_batches(batch, torch.arange(n), args.micro_batch_tokens))
     for j, mb in enumerate(mbs):
-        last = j == len(mbs) - 1 or not args.keep_gathered  # as train.py's update
-        model.set_requires_gradient_sync(last)
-        model.set_reshard_after_backward(last)
+        sync_after_backward(model, j == len(mbs) - 1 or not args.keep_gathered)  # as train.py's update
         logp = response_logprobs(model, mb, args.temperature, PRM["autocast"])
         rewards = implicit_rewards(logp, mb["ref_logp"], mb["mask"], args.prm_beta)
         step_loss = prm_loss(rewards, mb["labels"], mb["mask"], denom=n)

@@ -346,10 +346,8 @@ def update(batch):
             denom = allreduce({"d": local})["d"] / world
             mbs, loss_sum = list(ppo.micro_batches(batch, rows, args.micro_batch_tokens)), 0.0
             for j, mb in enumerate(mbs):
-                for model, *_ in updated:  # --keep-gathered: gather the parameters and reduce-scatter the
-                    last = j == len(mbs) - 1 or not args.keep_gathered  # gradients once per mini-batch
-                    model.set_requires_gradient_sync(last)
-                    model.set_reshard_after_backward(last)  # the optimizer steps the shards
+                for model, *_ in updated:  # --keep-gathered: gather and reduce-scatter once per mini-batch
+                    ppo.sync_after_backward(model, j == len(mbs) - 1 or not args.keep_gathered)
                 logp, ent = ppo.response_logprobs(policy, mb, args.temperature, autocast, with_entropy=True,
                                                     entropy_grad=args.entropy_coef > 0)
                 # With one epoch and one mini-batch the policy that sampled is this one: old = new, detached.
