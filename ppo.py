@@ -265,9 +265,7 @@ def pack(batch):
     mask = None
     if not first.all():  # query q sees key k <= q of its group's prompt or of its own row
         row = torch.arange(B, device=attn.device)[:, None].expand(B, attn.shape[1])[keep]
-        prompt = torch.zeros_like(attn)
-        prompt[:, :-T] = True
-        prompt = prompt[keep]
+        prompt = (torch.arange(attn.shape[1], device=attn.device) < attn.shape[1] - T).expand(B, -1)[keep]
         grp, L = owner[row], len(row)
         see = (grp[:, None] == grp[None]) & (prompt[None] | (row[:, None] == row[None]))
         mask = (see & torch.ones(L, L, dtype=torch.bool, device=attn.device).tril())[None, None]
@@ -316,19 +314,16 @@ def sync_after_backward(model, last):
     model.set_reshard_after_backward(last)
 
 
-def reshard(model):
-    """Free the gathered (unsharded) parameters of an FSDP2 model: a module built with reshard_after_forward=False
-    (train.py's --keep-gathered) keeps them after a forward pass, so a forward-only pass ends with this. A no-op on
-    parameters that are sharded already, and on a model without FSDP."""
+def per_micro_batch(fn, batch, budget, model):
+    """fn(micro-batch) over all of batch's rows, in order, in micro_batches of `budget` tokens, concatenated: the
+    forward-only passes of model (reference and old log-probs, values, PRIME's PRM). Then model's gathered
+    parameters are freed: FSDP2 keeps them after each forward where train.py's --keep-gathered built it with
+    reshard_after_forward=False (a no-op on shards, and without FSDP)."""
+    out = torch.cat([fn(mb) for mb in micro_batches(batch, torch.arange(len(batch["mask"])), budget)])
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def per_micro_batch(fn, batch, budget):
-    """fn(micro-batch) over all of batch's rows, in order, in micro_batches of `budget` tokens, concatenated: the
-    forward-only passes (reference and old log-probs, values, PRIME's PRM)."""
-    return torch.cat([fn(mb) for mb in micro_batches(batch, torch.arange(len(batch["mask"])), budget)])
+    return out
 
 
 def response_logprobs(model, batch, temperature, autocast=contextlib.nullcontext(), with_entropy=False,

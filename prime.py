@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import grpo
-from ppo import masked_whiten, micro_batches, per_micro_batch, reshard, response_logprobs, sync_after_backward
+from ppo import masked_whiten, micro_batches, per_micro_batch, response_logprobs, sync_after_backward
 
 PRM = {}  # set once by train.py through use(): the PRM (FSDP2), its optimizer and schedule, the forwards' autocast
 loss = grpo.loss  # the policy's loss: clipped surrogate + KL loss, as GRPO's
@@ -117,8 +117,7 @@ def advantages(batch, scores, args, kl_coef):
     model = PRM["model"]
     model.eval()
     logp = per_micro_batch(lambda mb: response_logprobs(model, mb, args.temperature, PRM["autocast"]), inputs,
-                           args.micro_batch_tokens)
-    reshard(model)
+                           args.micro_batch_tokens, model)
     mask = batch["mask"]
     process = implicit_rewards(logp, batch["ref_logp"], mask, args.prm_beta)
     scale = process.flip(-1).cumsum(-1).abs().max().reshape(1)

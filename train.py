@@ -332,10 +332,9 @@ def update(batch):
         sums[k] = sums.get(k, 0.0) + float(v) * w
 
     for epoch in range(args.epochs_per_batch):
-        perm = torch.arange(n_local)  # mini-batches of whole groups, shuffled: a group's prompt is computed once
-        if args.epochs_per_batch > 1 or per_mini < n_local:
-            perm = (torch.randperm(n_local // args.group_size)[:, None] * args.group_size + torch.arange(
-                args.group_size)).flatten()
+        n_groups = n_local // args.group_size  # mini-batches of whole groups: a group's prompt is computed once
+        groups = torch.randperm(n_groups) if args.epochs_per_batch > 1 or per_mini < n_local else torch.arange(n_groups)
+        perm = (groups[:, None] * args.group_size + torch.arange(args.group_size)).flatten()
         for start in range(0, n_local, per_mini):
             rows = perm[start:start + per_mini]
             # Every micro-batch's loss is its share of the loss of the whole mini-batch over all ranks: the
@@ -437,11 +436,10 @@ for step in bar:
         for key, model in (("old_logp", policy if old_logp_first else None), ("ref_logp", ref)):
             if model is not None:
                 batch[key] = ppo.per_micro_batch(lambda mb: ppo.response_logprobs(model, mb, args.temperature,
-                                                                                  autocast), batch, mb_tokens)
-                ppo.reshard(model)  # what --keep-gathered kept through the pass
+                                                                                  autocast), batch, mb_tokens, model)
         if critic is not None:
-            batch["values"] = ppo.per_micro_batch(lambda mb: ppo.critic_values(critic, mb, autocast), batch, mb_tokens)
-            ppo.reshard(critic)
+            batch["values"] = ppo.per_micro_batch(lambda mb: ppo.critic_values(critic, mb, autocast), batch, mb_tokens,
+                                                  critic)
         score_t = torch.tensor(scores, dtype=torch.float32, device=device)
         algo_stats = algo.advantages(batch, score_t, args, kl_coef=kl_coef)
     t2 = time.time()
