@@ -54,7 +54,10 @@ COUNTDOWN_PROMPTS = {
     # models; pretrain.py's corpus uses exactly this text, so the built-in base model knows it
     "tiny": "Using the numbers {numbers}, create an equation that equals {target}.\n<think>",
     "chat-think": COUNTDOWN_QUESTION.split(", for example")[0] + ".",  # see CHAT_THINK_DEMOS
+    "chat-demo": COUNTDOWN_QUESTION.split(", for example")[0] + ".",
 }
+MULTIPLY_QUESTION = ("Give me the answer of the following equation: {a} * {b} = ? Show your work in <think> </think> "
+                     "tags. And return only the final number in <answer> </answer> tags.")
 MULTIPLY_PROMPTS = {
     "base": "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
             "The assistant first thinks about the reasoning process in the mind and then provides the user with "
@@ -62,23 +65,24 @@ MULTIPLY_PROMPTS = {
             "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> RESULT_NUMBER "
             "</answer>. User: Give me the answer of the following equation: {a} * {b} = Assistant: Ok let me "
             "think about it.\n<think>",
-    # ours, not TinyZero's: the same instructions phrased as a user turn
-    "chat": "Give me the answer of the following equation: {a} * {b} = ? Show your work in <think> </think> "
-            "tags. And return only the final number in <answer> </answer> tags, for example <answer> 42 </answer>.",
-    "chat-think": "Give me the answer of the following equation: {a} * {b} = ? Show your work in <think> </think> "
-                  "tags. And return only the final number in <answer> </answer> tags.",  # see CHAT_THINK_DEMOS
+    # ours, not TinyZero's: the same instructions phrased as a user turn, with no example answer (SmolLM2 copied the
+    # '<answer> 42 </answer>' an earlier version showed); 'chat-think' adds a worked example (CHAT_THINK_DEMOS)
+    "chat": MULTIPLY_QUESTION,
+    "chat-think": MULTIPLY_QUESTION,
+    "chat-demo": MULTIPLY_QUESTION,
 }
 PROMPTS = {"countdown": COUNTDOWN_PROMPTS, "multiply": MULTIPLY_PROMPTS}  # task -> template name -> text
 # 'chat-think' (ours, for instruct models; docs/smollm2.md): rendered with the tokenizer's chat template, one solved
 # task (a worked example), then the question, then the assistant turn prefilled with THINK_PREFILL (TinyZero's
-# qwen-instruct idea): the response starts inside <think>. SmolLM2-135M-Instruct sampled no answer block in 48
-# without the example, 36 in 48 with it (1-digit factors). Its small answer is rarely right when copied.
+# qwen-instruct idea): the response starts inside <think>. 'chat-demo': the same without the prefill (the model
+# writes the block 3 times in 4 and learns the rest: docs/smollm2.md). SmolLM2-135M-Instruct sampled no answer
+# block in 48 without the example, 36 in 48 with it (1-digit factors). Its small answer is rarely right when copied.
 THINK_PREFILL = "Let me solve this step by step.\n<think>"
 CHAT_THINK_DEMOS = {  # task -> (the example task, its reasoning and answer after THINK_PREFILL)
     "countdown": ({"target": 9, "numbers": [1, 2, 3]}, " 1 + 2 = 3, 3 * 3 = 9 </think>\n<answer> (1+2)*3 </answer>"),
     "multiply": ({"a": 2, "b": 3}, " 2 * 3 = 6 </think>\n<answer> 6 </answer>"),
 }
-CHAT_TEMPLATES = ("chat", "chat-think")  # rendered by the tokenizer's own chat template (prompt_text)
+CHAT_TEMPLATES = ("chat", "chat-think", "chat-demo")  # rendered by the tokenizer's own chat template (prompt_text)
 TASKS = tuple(PROMPTS)
 
 
@@ -148,11 +152,11 @@ def _prompt(task, template):
 
 def _row(task, template, content, truth, split, index, **extra):
     prompt = [{"role": "user", "content": content}]
-    if template == "chat-think":  # the worked example, the question, the assistant turn prefilled
+    if template in ("chat-think", "chat-demo"):  # the worked example, the question (chat-think: a prefill)
         demo, solution = CHAT_THINK_DEMOS[task]
         prompt = [{"role": "user", "content": PROMPTS[task][template].format(**demo)},
-                  {"role": "assistant", "content": THINK_PREFILL + solution}, *prompt,
-                  {"role": "assistant", "content": THINK_PREFILL}]
+                  {"role": "assistant", "content": THINK_PREFILL + solution}, *prompt]
+        prompt += [{"role": "assistant", "content": THINK_PREFILL}] if template == "chat-think" else []
     return {"data_source": task, "prompt": prompt, "ability": "math",
             "reward_model": {"style": "rule", "ground_truth": truth},
             "extra_info": {"split": split, "index": int(index), "template": template, **extra}}
@@ -175,8 +179,8 @@ def multiply_row(task, template, split, index):
 def prompt_text(row, tokenizer=None):
     """The exact string to feed the model for a row.
 
-    'chat' and 'chat-think' rows hold messages and are rendered with the tokenizer's own chat template: a last
-    user turn gets the assistant header after it, a last assistant turn (a prefill) is continued, not closed.
+    'chat', 'chat-think' and 'chat-demo' rows hold messages and are rendered with the tokenizer's own chat template:
+    a last user turn gets the assistant header after it, a last assistant turn (a prefill) is continued, not closed.
     Every other row (ours, or TinyZero's, which have no extra_info.template) holds the rendered prompt already.
     """
     template = (row.get("extra_info") or {}).get("template")
@@ -444,7 +448,8 @@ def main(argv=None):
         s.add_argument("--workers", type=int, default=None, help="processes (default: all cores for large N)")
         s.add_argument("--template", choices=tuple(PROMPTS[task]), default="base",
                        help="prompt template; 'chat': the question, for the tokenizer's chat template; "
-                            "'chat-think': a worked example, the question, the assistant turn prefilled to <think>")
+                            "'chat-think': a worked example, the question, the assistant turn prefilled to <think>; "
+                            "'chat-demo': chat-think without the prefill")
         if task == "countdown":
             s.add_argument("--num-counts", type=int, nargs="+", default=[3, 4], help="how many numbers per task")
             s.add_argument("--num-range", type=int, nargs=2, default=[1, 99], metavar=("LO", "HI"),

@@ -26,7 +26,7 @@ def validate(engine, tokenizer, split, step, args, allreduce):
     for name, temp in (("val", args.temperature), ("val_greedy", 0.0))[0 if args.eval_sampled else 1:]:
         samples, texts, scores, _ = rollout.sample_and_score(engine, tokenizer, rows, prompts, n=1, temperature=temp,
                                                              top_p=args.top_p, max_tokens=args.max_response_len,
-                                                             seed=10**6 * (step + 1) + rank)
+                                                             seed=10**6 * (step + 1) + rank, stop=args.stop)
         found = [x for x in map(aha.row_metrics, rows, texts) if x is not None]
         tot = allreduce({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
                          "answer": sum(rewards.extract_answer(t) is not None for t in texts),

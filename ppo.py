@@ -279,30 +279,34 @@ def _unpack(flat, rows, cols, shape):
 
 def micro_batches(batch, idx, budget):
     """The rows idx of batch, in order, in micro-batches of at most `budget` tokens as pack() lays them out (a
-    prompt once for consecutive rows of one group; a longer sequence alone). Every rank gets as many micro-batches
-    (each FSDP2 forward is a collective, so the ranks must run the same number): a rank that needs fewer than
-    another halves its largest ones."""
+    prompt once for consecutive rows of one group; a longer sequence alone). Every rank gets as many micro-batches,
+    at least one (each FSDP2 forward is a collective, so the ranks must run the same number): a rank that needs
+    fewer than another halves its largest ones, and with too few rows to split (idx may be empty) it adds fillers:
+    batch's first row with "mask" and "valid" zeroed and "filler" set, a pass that adds nothing to a loss."""
     attn = batch["attention_mask"][idx]
     lengths = attn.sum(-1).tolist()
     group = batch["group"][idx].tolist() if "group" in batch else range(len(lengths))
     responses = attn[:, -batch["response_ids"].shape[1]:].sum(-1).tolist() if "group" in batch else lengths
-    parts, tokens = [[]], 0
+    parts, tokens = [], 0
     for k, n in enumerate(lengths):
-        if parts[-1] and group[k] == group[k - 1]:
+        if parts and group[k] == group[k - 1]:
             n = responses[k]  # its prompt is already in this micro-batch
-        if parts[-1] and tokens + n > budget:
+        if not parts or tokens + n > budget:
             parts.append([])
             tokens, n = 0, lengths[k]
         parts[-1].append(k)
         tokens += n
-    count = torch.tensor([len(parts)], device=batch["attention_mask"].device)
+    count = torch.tensor([max(len(parts), 1)], device=batch["attention_mask"].device)
     if dist.is_initialized():
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    for _ in range(int(count) - len(parts)):
-        j = max(range(len(parts)), key=lambda j: (len(parts[j]) > 1, sum(lengths[k] for k in parts[j])))
+    while len(parts) < int(count) and any(len(p) > 1 for p in parts):
+        j = max((j for j in range(len(parts)) if len(parts[j]) > 1), key=lambda j: sum(lengths[k] for k in parts[j]))
         parts[j:j + 1] = [parts[j][:len(parts[j]) // 2], parts[j][len(parts[j]) // 2:]]
     for part in parts:
         yield {k: v[idx[part]] for k, v in batch.items()}
+    for _ in range(int(count) - len(parts)):
+        filler = {k: torch.zeros_like(v[:1]) if k in ("mask", "valid") else v[:1] for k, v in batch.items()}
+        yield {**filler, "filler": True}
 
 
 def sync_after_backward(model, last):
@@ -319,7 +323,8 @@ def per_micro_batch(fn, batch, budget, model):
     forward-only passes of model (reference and old log-probs, values, PRIME's PRM). Then model's gathered
     parameters are freed: FSDP2 keeps them after each forward where train.py's --keep-gathered built it with
     reshard_after_forward=False (a no-op on shards, and without FSDP)."""
-    out = torch.cat([fn(mb) for mb in micro_batches(batch, torch.arange(len(batch["mask"])), budget)])
+    out = [(fn(mb), mb) for mb in micro_batches(batch, torch.arange(len(batch["mask"])), budget)]
+    out = torch.cat([x for x, mb in out if "filler" not in mb])
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

@@ -11,7 +11,8 @@ Two engines behind one interface, so train.py never asks which one it has:
 generate() returns, for prompt i and sample j, at index i * n + j:
     {"token_ids": [...], "logprobs": [...], "truncated": bool}
 token_ids include the EOS token when the response ended with one (it is part of the response and of the
-loss); truncated is True when the response hit max_tokens without EOS. logprobs are those of the sampled
+loss), or the tokens up to the one that completed a stop string (`stop`, as vLLM's: the string stays in the
+response); truncated is True when the response hit max_tokens without either. logprobs are those of the sampled
 tokens under softmax(logits / temperature), the same quantity train.py recomputes.
 """
 import os
@@ -74,29 +75,32 @@ def make_engine(kind, model_path, *, dtype, device, max_model_len, seed, tp=1, k
     raise ValueError(f"unknown rollout engine {kind!r}; known: vllm, hf")
 
 
-def generate(engine, prompts, *, n, temperature, top_p, max_tokens, seed, eos_token_id, pad_token_id):
-    """Sample n responses for each prompt (a list of token-id lists). temperature 0 means greedy (n=1)."""
+def generate(engine, prompts, *, n, temperature, top_p, max_tokens, seed, eos_token_id, pad_token_id, stop=(),
+             tokenizer=None):
+    """Sample n responses for each prompt (a list of token-id lists). temperature 0 means greedy (n=1). A response
+    also ends where its text first contains one of the `stop` strings (the hf engine decodes with `tokenizer`)."""
     if temperature == 0 and n != 1:
         raise ValueError("greedy decoding (temperature 0) gives n identical samples: use n=1")
     if engine["kind"] == "vllm":
-        return _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed)
+        return _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed, list(stop))
     return _generate_hf(engine["model"], prompts, n, temperature, top_p, max_tokens, seed,
-                        eos_token_id, pad_token_id)
+                        eos_token_id, pad_token_id, list(stop), tokenizer)
 
 
-def sample_and_score(engine, tokenizer, rows, prompts, *, n, temperature, top_p, max_tokens, seed):
+def sample_and_score(engine, tokenizer, rows, prompts, *, n, temperature, top_p, max_tokens, seed, stop=()):
     """A rollout with its rewards: generate() n responses per prompt, decode them, score each against its row
     (rewards.score). Returns (samples, texts, scores, seconds spent decoding and scoring)."""
     eos = tokenizer.eos_token_id
     samples = generate(engine, prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                       eos_token_id=eos, pad_token_id=eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
+                       eos_token_id=eos, pad_token_id=eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+                       stop=stop, tokenizer=tokenizer)
     t = time.time()
     texts = tokenizer.batch_decode([s["token_ids"] for s in samples], skip_special_tokens=True)
     scores = [rewards.score(rows[k // n], text) for k, text in enumerate(texts)]
     return samples, texts, scores, time.time() - t
 
 
-def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed):
+def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed, stop):
     import vllm
     tp = engine["tp"]
     if tp > 1:
@@ -113,8 +117,10 @@ def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed):
     # One seed per request, a function of (seed, prompt index): the samples are a function of (seed, weights,
     # prompts) whatever the state of the global generators, so a resumed run replays exactly. (Without it,
     # CUDA vLLM's runner draws each request's seed from numpy's global state.)
+    # Stop strings are matched on vLLM's own detokenized text: detokenize only when there are some.
     params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                  detokenize=False, seed=s) for s in request_seeds(seed, len(prompts))]
+                                  detokenize=bool(stop), stop=stop or None, include_stop_str_in_output=True, seed=s)
+              for s in request_seeds(seed, len(prompts))]
     outs = engine["llm"].generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     samples = []
     for out in outs:
@@ -151,8 +157,9 @@ def _tp_group(tp):
 
 
 @torch.no_grad()
-def _generate_hf(model, prompts, n, temperature, top_p, max_tokens, seed, eos_token_id, pad_token_id):
-    from transformers import LogitsProcessorList
+def _generate_hf(model, prompts, n, temperature, top_p, max_tokens, seed, eos_token_id, pad_token_id, stop,
+                 tokenizer):
+    from transformers import LogitsProcessorList, StoppingCriteriaList
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     # Left padding, so every prompt ends where generation starts.
@@ -176,20 +183,33 @@ def _generate_hf(model, prompts, n, temperature, top_p, max_tokens, seed, eos_to
         last.append(torch.log_softmax(logits.float() / scale, dim=-1))
         return logits
 
+    # Stop strings: after each token, the tail of each running response is decoded (enough tokens to hold the
+    # longest string); a response that now contains one ends here: stopped_at[i] = its length.
+    stopped_at, window = {}, max((len(s) for s in stop), default=0) + 4
+
+    def stopped(input_ids, scores, **kwargs):
+        for i, row in enumerate(input_ids[:, width:].tolist()):
+            if i not in stopped_at and any(s in tokenizer.decode(row[-window:], skip_special_tokens=True)
+                                           for s in stop):
+                stopped_at[i] = len(row)
+        return torch.tensor([i in stopped_at for i in range(len(input_ids))], device=input_ids.device)
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep the trainer's RNG
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy,
                              temperature=None if greedy else temperature, top_p=None if greedy else top_p,
                              top_k=None, max_new_tokens=max_tokens, num_return_sequences=n,
                              eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                             logits_processor=LogitsProcessorList([record]))
+                             logits_processor=LogitsProcessorList([record]),
+                             stopping_criteria=StoppingCriteriaList([stopped] if stop else []))
     steps.append(last.pop().gather(-1, out[:, -1:]).squeeze(-1))
     new = out[:, width:].cpu()
     logp = torch.stack(steps, dim=1).cpu()
     samples = []
-    for row, lp in zip(new.tolist(), logp.tolist()):
-        end = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
-        samples.append({"token_ids": row[:end], "logprobs": lp[:end], "truncated": eos_token_id not in row})
+    for i, (row, lp) in enumerate(zip(new.tolist(), logp.tolist())):
+        end = min(row.index(eos_token_id) + 1 if eos_token_id in row else len(row), stopped_at.get(i, len(row)))
+        samples.append({"token_ids": row[:end], "logprobs": lp[:end],
+                        "truncated": eos_token_id not in row[:end] and i not in stopped_at})
     return samples
 
 

@@ -76,6 +76,8 @@ g.add_argument("--group-size", type=POSITIVE, default=16, help="responses sample
 g.add_argument("--max-response-len", type=POSITIVE, default=384, help="response tokens; longer ones are cut")
 g.add_argument("--temperature", type=COEF, default=1.0, help="sampling temperature; log-probs use the same")
 g.add_argument("--top-p", type=SHARE, default=1.0, help="nucleus sampling (not in the log-probs: keep 1.0)")
+g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a response where its text first "
+               "holds TEXT, kept in it (repeatable; e.g. '</answer>': no text after the answer)")
 g.add_argument("--dynamic-sampling", type=COUNT, default=0, help="DAPO: drop groups whose scores are all equal and "
                "sample that many more prompts, up to this many extra rounds a step (0: off)")
 g.add_argument("--rollout", default="vllm", choices=["vllm", "hf"], help="in-process vLLM, or transformers")
@@ -307,7 +309,7 @@ def sample(idx, seed):
     rows, prompts = train.batch(idx, tokenizer)
     samples, _, scores, seconds = rollout.sample_and_score(
         engine, tokenizer, rows, prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
-        max_tokens=args.max_response_len, seed=seed)
+        max_tokens=args.max_response_len, seed=seed, stop=args.stop)
     return prompts, samples, scores, seconds
 
 
@@ -323,13 +325,14 @@ def batch_indices(step):
 
 def update(batch):
     """Epochs x mini-batches x micro-batches: one optimizer step per mini-batch, gradients accumulated over its
-    micro-batches. Returns the rank's means of the algorithm's stats (and the number of optimizer steps skipped
-    for a non-finite loss or gradient), and the sampler/trainer log-prob gap: its max and sum."""
+    micro-batches. Returns the rank's sums and weights of the algorithm's stats (means: sum over ranks of the
+    sums / of the weights), the number of optimizer steps skipped for a non-finite loss or gradient, and the
+    sampler/trainer log-prob gap: its max and sum."""
     n_local, per_mini = len(batch["mask"]), mini // world * args.group_size  # sequences of a mini-batch here
-    sums, n_updates, n_skipped, gap_max, gap_sum = {}, 0, 0, 0.0, 0.0
+    sums, n_skipped, gap_max, gap_sum = {}, 0, 0.0, 0.0
 
-    def add(k, v, w=1.0):
-        sums[k] = sums.get(k, 0.0) + float(v) * w
+    def add(k, v, w=1.0):  # weighted sums, and the weights as k/w
+        sums[k], sums[k + "/w"] = sums.get(k, 0.0) + float(v) * w, sums.get(k + "/w", 0.0) + w
 
     for epoch in range(args.epochs_per_batch):
         n_groups = n_local // args.group_size  # mini-batches of whole groups: a group's prompt is computed once
@@ -343,7 +346,10 @@ def update(batch):
             local = {"token-mean": n_tokens, "seq-mean": len(rows),
                      "token-sum": len(rows) * args.max_response_len}[args.loss_agg]
             denom = allreduce({"d": local})["d"] / world
+            if skip_zero:  # rows of advantage 0 add nothing to the loss or its gradient: no passes for them
+                rows = rows[(batch["advantages"][rows] != 0).any(-1)]
             mbs, loss_sum = list(ppo.micro_batches(batch, rows, args.micro_batch_tokens)), 0.0
+            n_live, mb_losses = batch["mask"][rows].sum().item(), {}
             for j, mb in enumerate(mbs):
                 for model, *_ in updated:  # --keep-gathered: gather and reduce-scatter once per mini-batch
                     ppo.sync_after_backward(model, j == len(mbs) - 1 or not args.keep_gathered)
@@ -357,16 +363,19 @@ def update(batch):
                     loss = loss - args.entropy_coef * ppo.aggregate(ent, mb["mask"], args.loss_agg,
                                                                     args.max_response_len, denom)
                 loss.backward()
-                # losses are already each micro-batch's share of the mini-batch's; token means weigh by its tokens
-                w, value = mb["mask"].sum().item() / max(n_tokens, 1.0), loss.item()
+                # losses are each micro-batch's share of the mini-batch's (summed); other stats are token means
+                w, value = mb["mask"].sum().item() / max(n_live, 1.0), loss.item()
                 loss_sum += value
-                add("loss", value)
-                add("entropy", ppo.masked_mean(ent.detach(), mb["mask"]), w)
-                for k, v in stats.items():
-                    add(k, v, 1.0 if k.endswith("loss") else w)
+                for k, v in (("loss", value), ("entropy", ppo.masked_mean(ent.detach(), mb["mask"])), *stats.items()):
+                    if k.endswith("loss"):
+                        mb_losses[k] = mb_losses.get(k, 0.0) + float(v)
+                    else:
+                        add(k, v, w)
                 if epoch == 0:  # the trainer's log-probs of the sampling policy against the sampler's own
                     gap = (mb["sampler_logp"] - mb["old_logp"]).abs() * mb["valid"]
                     gap_max, gap_sum = max(gap_max, gap.max().item()), gap_sum + gap.sum().item()
+            for k, v in mb_losses.items():
+                add(k, v)
             norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
                      for model, *_ in updated]
             norms = [float(x.full_tensor() if hasattr(x, "full_tensor") else x) for x in norms]
@@ -378,10 +387,10 @@ def update(batch):
                 if not skip:
                     optim.step()
                 optim.zero_grad(set_to_none=True)
-            n_updates, n_skipped = n_updates + 1, n_skipped + skip
+            n_skipped += skip
     for model, optim, sched, name in updated:
         sched.step()
-    return {**{k: v / n_updates for k, v in sums.items()}, "skipped_updates": n_skipped}, gap_max, gap_sum
+    return sums, n_skipped, gap_max, gap_sum
 
 
 def save_checkpoint(step):
@@ -410,6 +419,9 @@ from tqdm import tqdm  # noqa: E402 (the progress bar)
 # they are computed before it. PPO's and REINFORCE++'s KL rewards read them before the update too.
 old_logp_first = args.epochs_per_batch > 1 or mini < args.batch_prompts or (
     args.algo in ("ppo", "reinforce++") and ref is not None)
+# Rows whose advantages are all 0 (GRPO's and RLOO's groups of equal scores) add exactly nothing to a loss that is
+# the policy term alone (no KL term, no entropy bonus): update() runs no passes for them, but counts their tokens.
+skip_zero = args.algo in ("grpo", "rloo") and kl_coef == 0 and not args.entropy_coef
 updates_per_step, skipped_steps = args.epochs_per_batch * args.batch_prompts // mini, 0
 if master and resume_dir:
     checkpoint.trim_log(metrics_path, start_step)  # the lines of steps after the checkpoint are redone
@@ -444,10 +456,10 @@ for step in bar:
         algo_stats = algo.advantages(batch, score_t, args, kl_coef=kl_coef)
     t2 = time.time()
     # 3. update: the algorithm's loss, epochs x mini-batches x micro-batches ------------------------------------
-    update_stats, gap_max, gap_sum = update(batch)
+    update_sums, skipped, gap_max, gap_sum = update(batch)
     t3 = time.time()
     # 4. weight sync: the engine samples the next batch with the new weights ---------------------------------
-    skipped_steps = skipped_steps + 1 if update_stats["skipped_updates"] == updates_per_step else 0
+    skipped_steps = skipped_steps + 1 if skipped == updates_per_step else 0
     if not skipped_steps:  # a step whose updates were all skipped left the weights as they were
         rollout.sync_weights(engine, policy)
     t4 = time.time()
@@ -456,13 +468,14 @@ for step in bar:
     mem = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tot = allreduce({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
                      "len": sum(len(x["token_ids"]) for x in samples), "trunc": sum(x["truncated"] for x in samples),
-                     "gap_sum": gap_sum, "gap_n": batch["valid"].sum().item(), **algo_stats, **update_stats,
-                     **dynamic_stats})
+                     "gap_sum": gap_sum, "gap_n": batch["valid"].sum().item(), **algo_stats, **dynamic_stats,
+                     **update_sums})
     peak = allreduce({"logprob_diff_max": gap_max, "mem_peak_gib": mem / 2**30}, op=dist.ReduceOp.MAX)
     n = tot["n"]
     m = {"step": step + 1, "reward_mean": tot["reward"] / n, "acc": tot["acc"] / n, "response_len": tot["len"] / n,
          "truncated_frac": tot["trunc"] / n, **peak, "logprob_diff_mean": tot["gap_sum"] / max(tot["gap_n"], 1),
-         **{k: tot[k] / world for k in (*algo_stats, *update_stats, *dynamic_stats)},  # means of the ranks' means
+         **{k: tot[k] / world for k in (*algo_stats, *dynamic_stats)}, "skipped_updates": skipped,  # ranks' means
+         **{k: tot[k] / tot[k + "/w"] for k in update_sums if "/" not in k and tot[k + "/w"]},  # none: no row trained
          "lr": trained[0][2].get_last_lr()[0], "time_generate": t1 - t0 - time_reward, "time_reward": time_reward,
          "time_logprob": t2 - t1, "time_update": t3 - t2, "time_sync": t4 - t3}
     if args.kl_ctrl == "adaptive" and "kl" in m:

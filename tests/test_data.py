@@ -343,7 +343,7 @@ class ChatTokenizer:
 
 def test_chat_think_rows_hold_a_worked_example_and_prefill_the_assistant_turn():
     """'chat-think': the example task solved, the question, and the assistant turn up to <think> (TinyZero's
-    qwen-instruct prefill); no example answer in the question itself (the 'chat' prompt's '42' got copied)."""
+    qwen-instruct prefill); no example answer in the question itself (an earlier 'chat' prompt's '42' got copied)."""
     row = data.multiply_row({'a': 37, 'b': 8}, 'chat-think', 'train', 5)
     ask = ("Give me the answer of the following equation: {} * {} = ? Show your work in <think> </think> tags. "
            "And return only the final number in <answer> </answer> tags.")
@@ -368,9 +368,14 @@ def test_chat_think_rows_hold_a_worked_example_and_prefill_the_assistant_turn():
                rewards.countdown_reward(solution, demo['target'], demo['numbers']))
         assert got == 1.0, task
     assert data._check(row) == row
-    # 'chat' rows still render the user turn with the assistant header after it
+    # 'chat-demo': the same without the prefill; the model's turn starts after the assistant header
+    demo = data.multiply_row({'a': 37, 'b': 8}, 'chat-demo', 'train', 5)
+    assert demo['prompt'] == row['prompt'][:-1] and demo['reward_model'] == row['reward_model']
+    assert data.prompt_text(demo, ChatTokenizer()).endswith(f"<|user|>{ask.format(37, 8)}<|end|><|assistant|>")
+    # 'chat' rows: the same question alone, the user turn rendered with the assistant header after it
     chat = data.multiply_row({'a': 3, 'b': 4}, 'chat', 'train', 0)
-    assert data.prompt_text(chat, ChatTokenizer()) == f"<|user|>{chat['prompt'][0]['content']}<|end|><|assistant|>"
+    assert chat['prompt'] == [{'role': 'user', 'content': ask.format(3, 4)}]
+    assert data.prompt_text(chat, ChatTokenizer()) == f"<|user|>{ask.format(3, 4)}<|end|><|assistant|>"
 
 
 @pytest.mark.parametrize('response', ["6 * 7 = 42 </think>\n<answer> 42 </answer>", "42 </answer>", "no tags",

@@ -595,20 +595,63 @@ def _equal_counts(rank, world, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     # rank 0: 4 sequences of 3 tokens (one micro-batch of budget 12); rank 1: 4 of 10 (four micro-batches)
     attn = torch.ones(4, 3 if rank == 0 else 10, dtype=torch.long)
-    parts = [mb["row"].tolist() for mb in ppo.micro_batches({"attention_mask": attn, "row": torch.arange(4)},
-                                                           torch.arange(4), 12)]
-    out[rank] = parts
+    batch = {"attention_mask": attn, "row": torch.arange(4), "mask": torch.ones(4, 2)}
+    out[rank] = [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 12)]
+    # rank 0 now brings one row, or none: fillers (its row 0, nothing in the loss) make up the count
+    for key, idx in (("one", torch.tensor([2])), ("none", torch.tensor([], dtype=torch.long))):
+        mbs = list(ppo.micro_batches(batch, idx if rank == 0 else torch.arange(4), 12))
+        out[rank, key] = [(mb["row"].tolist(), mb["mask"].sum().item(), "filler" in mb) for mb in mbs]
     dist.destroy_process_group()
 
 
 def test_micro_batches_are_as_many_on_every_rank():
-    """Each FSDP2 forward is a collective: a rank whose rows fit in fewer micro-batches splits its largest."""
+    """Each FSDP2 forward is a collective: a rank whose rows fit in fewer micro-batches splits its largest, and
+    with too few rows, runs fillers whose loss mask is 0."""
     import torch.multiprocessing as mp
     import cli
     out = mp.Manager().dict()
     mp.spawn(_equal_counts, args=(2, cli.free_port(), out), nprocs=2)
     assert out[1] == [[0], [1], [2], [3]]
     assert out[0] == [[0], [1], [2], [3]]  # [0 1 2 3] -> [0 1] [2 3] -> [0] [1] [2 3] -> [0] [1] [2] [3]
+    assert out[0, "one"] == [([2], 2.0, False)] + [([0], 0.0, True)] * 3
+    assert out[0, "none"] == [([0], 0.0, True)] * 4
+    assert out[1, "one"] == out[1, "none"] == [([k], 2.0, False) for k in range(4)]
+
+
+def test_micro_batches_of_no_rows_are_one_filler():
+    """Alone, no rows still make one pass (its gradient is zeros, so the optimizer steps as it would)."""
+    batch = {"attention_mask": torch.ones(2, 3, dtype=torch.long), "mask": torch.ones(2, 1),
+             "valid": torch.ones(2, 1), "row": torch.arange(2)}
+    (mb,) = ppo.micro_batches(batch, torch.tensor([], dtype=torch.long), 12)
+    assert mb["filler"] and mb["row"].tolist() == [0] and mb["mask"].sum() == 0 and mb["valid"].sum() == 0
+
+
+def test_a_group_of_equal_scores_adds_nothing_to_the_update():
+    """Why train.py's update skips rows of advantage 0 (GRPO without KL or entropy terms): the loss over the other
+    rows, with the whole batch's divisor, is the same number with the same gradient."""
+    import rollout
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 50, (n,), generator=g).tolist() for n in (4, 6)]
+    samples = [{"token_ids": torch.randint(1, 50, (n,), generator=g).tolist(), "truncated": False,
+                "logprobs": [0.0] * n} for n in (3, 5, 2, 4)]
+    batch = rollout.to_batch(prompts, samples, 2, 0, torch.device("cpu"))
+    args = SimpleNamespace(algo="grpo", group_size=2, no_std_scale=False, clip_low=0.2, clip_high=0.2,
+                           kl_estimator="k3", loss_agg="token-mean", max_response_len=5, tis_cap=0.0)
+    grpo.advantages(batch, t([1.0, 0.0, 1.0, 1.0]), args, kl_coef=0.0)  # the second group is flat
+    assert batch["advantages"][2:].abs().sum() == 0 and batch["advantages"][:2].abs().min() > 0
+    denom = batch["mask"].sum()
+    grads = []
+    for rows in (torch.arange(4), torch.arange(2)):
+        model = _tiny_lm()
+        mb = {k: v[rows] for k, v in batch.items()}
+        logp = ppo.response_logprobs(model, mb, 1.0)
+        mb["old_logp"] = logp.detach() + 0.1  # the ratio is not 1
+        loss, _ = grpo.loss(logp, None, mb, args, kl_coef=0.0, denom=denom)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-7 and grads[0][0] != 0
+    assert all(close(a, b, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def test_policy_loss_truncated_importance_sampling_by_hand():

