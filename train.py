@@ -177,6 +177,7 @@ for bad, msg in (
     (world % args.rollout_tp, f"--rollout-tp {args.rollout_tp} must divide the number of ranks {world}"),
     (args.temperature == 0 and args.group_size > 1, "--temperature 0 is greedy: the same response n times"),
     (args.kl_ctrl == "adaptive" and args.algo != "ppo", "--kl-ctrl adaptive steers PPO's KL reward: use --algo ppo"),
+    ("" in args.stop, "--stop '': an empty string is in every text: each response would end at its first token"),
 ):
     if bad:
         die(msg)

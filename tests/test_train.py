@@ -334,7 +334,7 @@ def assert_clean_failure(res, phrase, out, max_seconds=20, ranks=1):
         assert not os.path.exists(os.path.join(out, name)), f"{name} was written before the error"
 
 
-@pytest.mark.parametrize("case", ["empty-model-folder", "data-without-splits", "group-size-1"])
+@pytest.mark.parametrize("case", ["empty-model-folder", "data-without-splits", "group-size-1", "empty-stop"])
 def test_bad_input_world_of_one(case, tmp_path):
     out = tmp_path / "out"
     empty = tmp_path / "empty"
@@ -343,6 +343,7 @@ def test_bad_input_world_of_one(case, tmp_path):
         "empty-model-folder": (["--model", empty], "is not a model folder"),
         "data-without-splits": (["--data", empty], "no train data"),
         "group-size-1": (["--group-size", "1"], "--group-size 1 with --algo grpo"),
+        "empty-stop": (["--stop", ""], "--stop '': an empty string is in every text"),
     }[case]
     args = flags(out=out) + list(extra)
     res = python(TRAIN, args, timeout=120)
