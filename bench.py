@@ -243,8 +243,8 @@ def bench_sync(a, device):
 
 
 def bench_train(a, device):
-    """Forward + backward + AdamW step of a loss on ppo.response_logprobs over a fixed batch, per dtype."""
-    import ppo
+    """Forward + backward + AdamW step of a loss on passes.response_logprobs over a fixed batch, per dtype."""
+    import passes
     from transformers import AutoModelForCausalLM
     res = {}
     peaks = {dt: matmul_peak(getattr(torch, dt), device) for dt in a.dtypes}  # and again at the end: the best
@@ -260,7 +260,7 @@ def bench_train(a, device):
             # bf16: autocast around fp32 master weights, as train.py does on CPU
             ac = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dt == "bfloat16")
             t = timer(device)
-            ppo.response_logprobs(model, batch, 1.0, ac).mean().backward()
+            passes.response_logprobs(model, batch, 1.0, ac).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return timer(device) - t

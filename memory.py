@@ -50,13 +50,13 @@ def plan(n_policy, n_critic, *, world, dtype_bytes, reference, critic, unsharded
     return p
 
 
-def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vllm_share, micro_batch_tokens,
+def check(n_policy, n_critic, *, world, dtype_bytes, critic, kl_coef, rollout, vllm_share, micro_batch_tokens,
           mini_batch_tokens, device_bytes, gathered=False):
     """(the plan's line, None) when the run fits, else (the plan's line, one line naming the flags that would
     fit, each on its own). mini_batch_tokens: the most tokens a mini-batch can hold on one rank (more than
     micro_batch_tokens with --keep-gathered: the gradients accumulate unsharded over its micro-batches)."""
     def run(**kw):
-        kw = {**dict(world=world, reference=kl_coef > 0, critic=algo == "ppo", vllm_share=vllm_share,
+        kw = {**dict(world=world, reference=kl_coef > 0, critic=critic, vllm_share=vllm_share,
                      unsharded_grads=gathered and mini_batch_tokens > micro_batch_tokens, gathered=gathered), **kw}
         return plan(n_policy, n_critic, dtype_bytes=dtype_bytes, rollout=rollout, device_bytes=device_bytes, **kw)
 
@@ -84,11 +84,12 @@ def check(n_policy, n_critic, *, world, dtype_bytes, algo, kl_coef, rollout, vll
                   f"{device_bytes / GIB:.1f} GiB; would fit: {' or '.join(fits) or 'none of the single changes'}")
 
 
-def check_run(model_path, args, world, kl_coef, dtype, device, master):
-    """check() for train.py's flags on this rank's GPU: rank 0 prints the plan; returns the failure line or None."""
+def check_run(model_path, args, world, kl_coef, critic, dtype, device, master):
+    """check() for train.py's flags on this rank's GPU (critic: the algorithm's CRITIC): rank 0 prints the plan;
+    returns the failure line or None."""
     import torch
     gpu = torch.cuda.get_device_properties(device).total_memory
-    line, problem = check(*param_counts(model_path), world=world, dtype_bytes=dtype.itemsize, algo=args.algo,
+    line, problem = check(*param_counts(model_path), world=world, dtype_bytes=dtype.itemsize, critic=critic,
                           kl_coef=kl_coef, rollout=args.rollout, vllm_share=args.gpu_memory_utilization,
                           micro_batch_tokens=args.micro_batch_tokens, device_bytes=gpu, gathered=args.keep_gathered,
                           mini_batch_tokens=(args.mini_batch_prompts or args.batch_prompts) // world * args.group_size

@@ -8,7 +8,7 @@ and it is trained as an outcome classifier: p(correct) = sigmoid(sum_t r_t), cro
 (score == 1.0), one optimizer step per batch, BEFORE the batch is scored (veRL's default `update: before`).
 The policy's advantages combine both rewards, each with a leave-one-out baseline in its group (process_rloo),
 as the return of every token, whitened over the batch of all ranks (prime_advantages). The policy's loss is
-grpo.loss. docs/algorithms.md has the formulas and where we differ from veRL's recipe.
+grpo.loss (clipped surrogate + KL loss). docs/algorithms.md has the formulas and where we differ from veRL's recipe.
 """
 import math
 
@@ -16,16 +16,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import grpo
-from ppo import masked_whiten, micro_batches, per_micro_batch, response_logprobs, sync_after_backward
+from grpo import check, loss, next_kl_coef  # noqa: F401 (the contract: GRPO's flag checks, loss and fixed KL)
+from passes import batch_logprobs, micro_batches, response_logprobs, sync_after_backward
+from ppo import masked_whiten
 
-PRM = {}  # set once by train.py through use(): the PRM (FSDP2), its optimizer and schedule, the forwards' autocast
-loss = grpo.loss  # the policy's loss: clipped surrogate + KL loss, as GRPO's
+# ALGO CONTRACT: what train.py reads of this module (ppo.py's docstring) ---------------------------------------------
+CRITIC = False        # the group (leave-one-out) is the baseline
+PRM = True            # train.py loads the PRM from the policy's start, with the reference model, and calls use()
+KL_IN_REWARD = False  # the KL to the reference is GRPO's loss term
+
+_PRM = {}  # set once by train.py through use(): the PRM (FSDP2), its optimizer and schedule, the forwards' autocast
 
 
 def use(model, optimizer, schedule, autocast):
     """The PRM this module trains and scores with (train.py calls this once, after loading it)."""
-    PRM.update(model=model, optimizer=optimizer, schedule=schedule, autocast=autocast)
+    _PRM.update(model=model, optimizer=optimizer, schedule=schedule, autocast=autocast)
+
+
+def skip_zero_rows(args, kl_coef):
+    """Never: the process rewards make a row's advantages all 0 only by chance."""
+    return False
 
 
 def implicit_rewards(prm_logp, ref_logp, mask, beta):
@@ -81,13 +91,13 @@ def train_step(batch, args):
     """One optimizer step of the PRM on this batch (batch["labels"]: the outcomes) on all ranks (FSDP averages the
     gradients), micro-batched as the policy's update. Returns the loss, the gradient norm, whether the step was
     skipped for a non-finite gradient, and the summed implicit rewards [B] of the forward (before the step)."""
-    model, optimizer, n = PRM["model"], PRM["optimizer"], len(batch["labels"])
+    model, optimizer, n = _PRM["model"], _PRM["optimizer"], len(batch["labels"])
     model.train()
     total, seq = 0.0, []
     mbs = list(micro_batches(batch, torch.arange(n), args.micro_batch_tokens))
     for j, mb in enumerate(mbs):
         sync_after_backward(model, j == len(mbs) - 1 or not args.keep_gathered)  # as train.py's update
-        logp = response_logprobs(model, mb, args.temperature, PRM["autocast"])
+        logp = response_logprobs(model, mb, args.temperature, _PRM["autocast"])
         rewards = implicit_rewards(logp, mb["ref_logp"], mb["mask"], args.prm_beta)
         step_loss = prm_loss(rewards, mb["labels"], mb["mask"], denom=n)
         step_loss.backward()
@@ -98,7 +108,7 @@ def train_step(batch, args):
     if math.isfinite(norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    PRM["schedule"].step()
+    _PRM["schedule"].step()
     return total, norm, not math.isfinite(norm), torch.cat(seq)
 
 
@@ -114,12 +124,11 @@ def advantages(batch, scores, args, kl_coef):
     inputs = {**{k: batch[k] for k in keys}, "labels": labels}
     with torch.enable_grad():
         step_loss, norm, skipped, seq_before = train_step(inputs, args)
-    model = PRM["model"]
+    model = _PRM["model"]
     model.eval()
-    logp = per_micro_batch(lambda mb: response_logprobs(model, mb, args.temperature, PRM["autocast"]), inputs,
-                           args.micro_batch_tokens, model)
+    logp = batch_logprobs(model, inputs, args.micro_batch_tokens, args.temperature, _PRM["autocast"])  # [B, T]
     mask = batch["mask"]
-    process = implicit_rewards(logp, batch["ref_logp"], mask, args.prm_beta)
+    process = implicit_rewards(logp, batch["ref_logp"], mask, args.prm_beta)      # [B, T]
     scale = process.flip(-1).cumsum(-1).abs().max().reshape(1)
     if dist.is_initialized():
         dist.all_reduce(scale, op=dist.ReduceOp.MAX)

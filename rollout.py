@@ -100,6 +100,70 @@ def sample_and_score(engine, tokenizer, rows, prompts, *, n, temperature, top_p,
     return samples, texts, scores, time.time() - t
 
 
+def batch_indices(n_rows, step, seed, batch_prompts, rank, world):
+    """This rank's row indices at a step: a fresh permutation of the n_rows train rows each epoch, by seed. A function
+    of (seed, step) alone, so resuming at step N replays the same data order."""
+    epoch, k = divmod(step, n_rows // batch_prompts)
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    start = k * batch_prompts + rank * (batch_prompts // world)
+    return order[start:start + batch_prompts // world].tolist()
+
+
+def sample_rows(engine, tokenizer, split, idx, args, seed):
+    """args.group_size responses to each of the rows idx of split (data.Split), scored: (prompts, samples, scores,
+    seconds spent scoring)."""
+    rows, prompts = split.batch(idx, tokenizer)
+    samples, _, scores, seconds = sample_and_score(
+        engine, tokenizer, rows, prompts, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
+        max_tokens=args.max_response_len, seed=seed, stop=args.stop)
+    return prompts, samples, scores, seconds
+
+
+def has_signal(scores, group_size):
+    """DAPO's dynamic-sampling filter: [n_groups] bool, True where a group's scores are not all equal (a flat
+    group's advantages are 0 for GRPO and RLOO: it spends compute and teaches nothing)."""
+    groups = torch.as_tensor(scores, dtype=torch.float32).view(-1, group_size)
+    return groups.max(-1).values != groups.min(-1).values
+
+
+def pick_groups(scores, group_size, want):
+    """DAPO's dynamic sampling, the choice among the groups sampled: the first `want` groups with signal, then flat
+    ones to fill the batch if too few have it. Returns (the chosen group indices in sampling order, how many of them
+    are flat)."""
+    signal = has_signal(scores, group_size).tolist()
+    chosen = sorted(([g for g, s in enumerate(signal) if s] + [g for g, s in enumerate(signal) if not s])[:want])
+    return chosen, sum(not signal[g] for g in chosen)
+
+
+def rollout_step(engine, tokenizer, split, step, args, rank, world):
+    """Collective: train.py's phase 1 on this rank, its prompts of the step sampled and scored. --dynamic-sampling
+    (DAPO): while any rank has fewer groups of unequal scores than prompts, up to that many extra rounds, sample as
+    many new prompts as are missing (a rank that is not short samples one: the ranks sample in lockstep, as a
+    tensor-parallel engine must), then keep groups with signal first (pick_groups). Each round's seed is its own.
+    Returns (prompts, samples, scores, seconds spent scoring, stats: none without --dynamic-sampling)."""
+    seed = args.seed + 10**6 * step + 10**4 * rank  # + the round
+    idx = batch_indices(len(split), step, args.seed, args.batch_prompts, rank, world)
+    prompts, samples, scores, seconds = sample_rows(engine, tokenizer, split, idx, args, seed)
+    want, rounds, extra = len(prompts), 0, 0
+    while rounds < args.dynamic_sampling:
+        short = torch.tensor([float(int(has_signal(scores, args.group_size).sum()) < want)],
+                             device="cuda" if torch.cuda.is_available() else "cpu")  # nccl reduces CUDA tensors
+        torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
+        if not short.item():
+            break
+        rounds += 1
+        k = max(1, want - int(has_signal(scores, args.group_size).sum()))
+        more = np.random.default_rng([args.seed, step, rank, rounds]).choice(len(split), k).tolist()
+        p, sa, sc, sec = sample_rows(engine, tokenizer, split, more, args, seed + rounds)
+        prompts, samples, scores, seconds, extra = prompts + p, samples + sa, scores + sc, seconds + sec, extra + k
+    if not args.dynamic_sampling:
+        return prompts, samples, scores, seconds, {}
+    chosen, n_flat = pick_groups(scores, args.group_size, want)
+    rows = [g * args.group_size + j for g in chosen for j in range(args.group_size)]
+    return [prompts[g] for g in chosen], [samples[i] for i in rows], [scores[i] for i in rows], seconds, \
+        {"dynamic_rounds": rounds, "dynamic_prompts": extra, "dynamic_flat_kept": n_flat}
+
+
 def _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed, stop):
     import vllm
     tp = engine["tp"]
@@ -214,7 +278,7 @@ def _generate_hf(model, prompts, n, temperature, top_p, max_tokens, seed, eos_to
 
 
 def to_batch(prompts, samples, n, pad_id, device, mask_truncated=False):
-    """generate()'s output as padded tensors (the trainer's passes drop the padding again: ppo.pack).
+    """generate()'s output as padded tensors (the trainer's passes drop the padding again: passes.pack).
 
     input_ids [B, P + T]: prompt i (left-padded to P) followed by each of its n responses (right-padded to T).
     mask [B, T]: 1.0 on the response tokens that enter the loss (EOS included; with mask_truncated, none of a

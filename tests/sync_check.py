@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 import data  # noqa: E402
-import ppo  # noqa: E402
+import passes  # noqa: E402
 import pretrain  # noqa: E402
 import rollout  # noqa: E402
 
@@ -45,7 +45,7 @@ def engine_logprobs(engine, batch, prompts, samples):
     """The engine's current log-probs [B, T] of the responses already in batch (0 on padding)."""
     if engine["kind"] == "hf":
         with torch.no_grad():
-            return ppo.response_logprobs(engine["model"], batch, TEMPERATURE) * batch["valid"]
+            return passes.response_logprobs(engine["model"], batch, TEMPERATURE) * batch["valid"]
     import vllm
     out = torch.zeros_like(batch["valid"])
     reqs = [{"prompt_token_ids": prompts[k // N] + s["token_ids"]} for k, s in enumerate(samples)]
@@ -93,7 +93,7 @@ def main():
 
     def trainer_logprobs(batch):
         with torch.no_grad():
-            return ppo.response_logprobs(policy, batch, TEMPERATURE) * batch["valid"]
+            return passes.response_logprobs(policy, batch, TEMPERATURE) * batch["valid"]
 
     def gap(a, b, batch):
         return ((a - b).abs() * batch["valid"]).max().item()
@@ -107,7 +107,7 @@ def main():
 
     # One optimizer step that moves every weight: Adam's first step is ~lr * sign(grad).
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    logp = ppo.response_logprobs(policy, batch, TEMPERATURE)
+    logp = passes.response_logprobs(policy, batch, TEMPERATURE)
     (-(logp * batch["valid"]).sum() / batch["valid"].sum()).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -1,10 +1,12 @@
-"""Tests of RLOO, REINFORCE++ and dynamic sampling (grpo.py) and PRIME (prime.py) against numbers worked out by hand
+"""Tests of RLOO (rloo.py), REINFORCE++ (reinforce_pp.py), dynamic sampling (rollout.py) and PRIME (prime.py) against
+numbers worked out by hand
 (arithmetic in the comments), and of their flags' bad combinations (train.py, one error line before any model).
 
 Padding positions hold deliberately absurd values (99, -100, ...) so that any leak through the mask shows.
 """
 import math
 import os
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -13,11 +15,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from launch import REPO, python  # noqa: E402
-from test_train import TRAIN, assert_clean_failure, check_metrics, flags, read_metrics, train  # noqa: E402
+from test_train import (TRAIN, assert_clean_failure, assert_same_metrics, assert_same_weights,  # noqa: E402
+                        check_metrics, flags, max_weight_change, read_metrics, train)
 
 sys.path.insert(0, REPO)
-import grpo  # noqa: E402
 import prime  # noqa: E402
+import reinforce_pp  # noqa: E402
+import rloo  # noqa: E402
+import rollout  # noqa: E402
 
 
 def t(x):
@@ -37,14 +42,14 @@ MASK = t([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
 # ---------------------------------------------------------------------------------------------------------
 def test_rloo_leave_one_out_by_hand():
     scores = t([1.0, 0.0, 0.1, 0.1, 0.1, 0.1, 1.0, 1.0, 0.0])
-    adv, n_flat = grpo.rloo_advantages(scores, group_size=3)
+    adv, n_flat = rloo.rloo_advantages(scores, group_size=3)
     # group 1 [1, 0, 0.1]: 1 - (0 + 0.1)/2 = 0.95; 0 - (1 + 0.1)/2 = -0.55; 0.1 - (1 + 0)/2 = -0.4
     # group 2 [0.1, 0.1, 0.1]: 0.1 - 0.1 = 0 (exactly), counted as flat
     # group 3 [1, 1, 0]: 1 - (1 + 0)/2 = 0.5 twice; 0 - (1 + 1)/2 = -1
     assert close(adv, [0.95, -0.55, -0.4, 0.0, 0.0, 0.0, 0.5, 0.5, -1.0])
     assert n_flat == 1 and (adv[3:6] == 0.0).all()
     with pytest.raises(ValueError, match="group_size >= 2"):
-        grpo.rloo_advantages(t([1.0]), group_size=1)
+        rloo.rloo_advantages(t([1.0]), group_size=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,7 +58,7 @@ def test_rloo_leave_one_out_by_hand():
 def test_reinforce_pp_returns_whitened_by_hand():
     scores = t([1.0, 0.0])
     kl = t([[0.1, 0.2, -0.1], [0.5, 99.0, 99.0]])
-    adv = grpo.reinforce_pp_advantages(scores, MASK, kl, kl_coef=0.5)
+    adv = reinforce_pp.reinforce_pp_advantages(scores, MASK, kl, kl_coef=0.5)
     # rewards = -0.5 * kl, the score added on the last token:
     #   row 0 [-0.05, -0.1, 0.05 + 1 = 1.05]; row 1 [-0.25 + 0 = -0.25] (padding 0)
     # returns (reverse cumulative sums): row 0 [0.9, 0.95, 1.05]; row 1 [-0.25]
@@ -68,72 +73,45 @@ def test_reinforce_pp_discounted_by_hand():
     # row 1's [0]; mean 1.75/4 = 0.4375, deviations -0.1875, 0.0625, 0.5625, -0.4375; squares 0.03515625 +
     # 0.00390625 + 0.31640625 + 0.19140625 = 0.546875, var 0.182292, std 0.426956:
     # -0.439155, 0.146385, 1.317465, -1.024695
-    adv = grpo.reinforce_pp_advantages(t([1.0, 0.0]), MASK, gamma=0.5)
+    adv = reinforce_pp.reinforce_pp_advantages(t([1.0, 0.0]), MASK, gamma=0.5)
     assert close(adv, [[-0.439155, 0.146385, 1.317465], [-1.024695, 0.0, 0.0]])
 
 
-def test_advantages_and_loss_pick_the_estimator_by_algo():
-    """grpo.advantages reads args.algo; REINFORCE++ takes its KL (k1 of old vs ref) into the reward, and its loss has
-    no KL term: the loss is the policy loss alone even with kl_coef > 0."""
+def test_rloo_and_reinforce_pp_modules_advantages_and_loss():
+    """Each algorithm is its module: rloo.advantages broadcasts RLOO's per-response advantage over the tokens;
+    REINFORCE++ takes its KL (k1 of old vs ref) into the reward, and its loss has no KL term: the loss is the policy
+    loss alone even with kl_coef > 0 (the KL is still logged)."""
     args = SimpleNamespace(algo="rloo", group_size=2, no_std_scale=False, gamma=1.0, clip_low=0.2, clip_high=0.2,
-                           kl_estimator="k3", loss_agg="token-mean", max_response_len=3, tis_cap=0.0)
+                           kl_estimator="k3", loss_agg="token-mean", max_response_len=3, tis_cap=0.0, entropy_coef=0.0)
     old = t([[-1.0, -1.0, -1.0], [-2.0, -100.0, -100.0]])
     batch = {"mask": MASK, "old_logp": old, "ref_logp": old - t([[0.1, 0.2, -0.1], [0.5, 7.0, 7.0]]),
              "sampler_logp": old}
-    stats = grpo.advantages(batch, t([1.0, 0.0]), args, kl_coef=0.5)
+    stats = rloo.advantages(batch, t([1.0, 0.0]), args, kl_coef=0.5)
     assert close(batch["advantages"], [[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])  # 1 - 0, 0 - 1
     assert stats == {"flat_group_frac": 0.0}
     args.algo = "reinforce++"
-    assert grpo.advantages(batch, t([1.0, 0.0]), args, kl_coef=0.5) == {}
+    assert reinforce_pp.advantages(batch, t([1.0, 0.0]), args, kl_coef=0.5) == {}
     assert close(batch["advantages"], [[0.388376, 0.470139, 0.633666], [-1.492180, 0.0, 0.0]])  # as above
-    loss, stats = grpo.loss(old.clone().requires_grad_(), None, batch, args, kl_coef=0.5, denom=None)
+    loss, stats = reinforce_pp.loss(old.clone().requires_grad_(), None, None, batch, args, kl_coef=0.5, denom=None)
     # ratio 1: -(0.388376 + 0.470139 + 0.633666 - 1.492180)/4 = 0 (whitened advantages have mean 0); no KL added
     assert close(loss, 0.0) and close(stats["pg_loss"], loss) and stats["kl"] > 0
+    assert reinforce_pp.KL_IN_REWARD and not rloo.KL_IN_REWARD  # REINFORCE++ needs the old log-probs first
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Dynamic sampling
 # ---------------------------------------------------------------------------------------------------------
 def test_has_signal():
-    assert grpo.has_signal([1.0, 0.0, 0.1, 0.1, 0.1, 0.1, 1.0, 1.0, 0.0], 3).tolist() == [True, False, True]
+    assert rollout.has_signal([1.0, 0.0, 0.1, 0.1, 0.1, 0.1, 1.0, 1.0, 0.0], 3).tolist() == [True, False, True]
 
 
-# the scores of each prompt's group of 2: 0 and 11 are flat, 1 and 12 are not
-GROUPS = {0: [0.0, 0.0], 1: [1.0, 0.0], 11: [1.0, 1.0], 12: [0.0, 0.1]}
-
-
-def sample(idx, r):
-    """What train.py's sampler returns: the prompts, the samples (named after the prompt), scores, seconds."""
-    return ([f"p{i}" for i in idx], [f"s{i}.{j}" for i in idx for j in range(2)],
-            [x for i in idx for x in GROUPS[i]], 1.0)
-
-
-def test_dynamic_sampling_refills_dropped_groups():
-    # round 0: prompts 0 (flat) and 1; one missing, so round 1 samples one more prompt, 11: flat again; round 2
-    # samples 12: the batch is full with 1 and 12, in the order sampled; 2 extra prompts, 3 s of scoring
-    prompts, samples, scores, seconds, stats = grpo.dynamic_sample(
-        sample, [0, 1], 2, rounds=3, more=lambda r, k: [10 + r] * k, any_rank=lambda short: short)
-    assert prompts == ["p1", "p12"] and samples == ["s1.0", "s1.1", "s12.0", "s12.1"]
-    assert scores == [1.0, 0.0, 0.0, 0.1] and seconds == 3.0
-    assert stats == {"dynamic_rounds": 2, "dynamic_prompts": 2, "dynamic_flat_kept": 0}
-
-
-def test_dynamic_sampling_bounded_fills_with_flat_groups():
-    # one extra round only: 11 is flat too, so a flat group (the first sampled, 0) fills the batch
-    prompts, samples, scores, _, stats = grpo.dynamic_sample(
-        sample, [0, 1], 2, rounds=1, more=lambda r, k: [10 + r] * k, any_rank=lambda short: short)
-    assert prompts == ["p0", "p1"] and scores == [0.0, 0.0, 1.0, 0.0]
-    assert stats == {"dynamic_rounds": 1, "dynamic_prompts": 1, "dynamic_flat_kept": 1}
-    # off: one round, nothing dropped, nothing logged
-    assert grpo.dynamic_sample(sample, [0, 1], 2, 0, None, None) == (["p0", "p1"], ["s0.0", "s0.1", "s1.0", "s1.1"],
-                                                                     [0.0, 0.0, 1.0, 0.0], 1.0, {})
-
-
-def test_dynamic_sampling_keeps_pace_with_a_short_rank():
-    # this rank is full, another is short: it still samples (one prompt a round) so that the ranks stay in step
-    prompts, _, _, _, stats = grpo.dynamic_sample(
-        sample, [1, 12], 2, rounds=2, more=lambda r, k: [11] * k, any_rank=lambda short: True)
-    assert prompts == ["p1", "p12"] and stats["dynamic_rounds"] == 2 and stats["dynamic_prompts"] == 2
+def test_dynamic_sampling_keeps_groups_with_signal_first():
+    # groups of 2 in the order sampled: 0 flat [0, 0], 1 [1, 0], 2 flat [1, 1], 3 [0, 0.1]
+    scores = [0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.1]
+    assert rollout.pick_groups(scores, 2, want=2) == ([1, 3], 0)  # two with signal: both flat groups dropped
+    # three wanted, two have signal: the first flat group sampled fills the batch, in sampling order
+    assert rollout.pick_groups(scores, 2, want=3) == ([0, 1, 3], 1)
+    assert rollout.pick_groups(scores[:4], 2, want=2) == ([0, 1], 1)  # no extra round: the batch as sampled
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,7 +142,7 @@ def test_process_rloo_by_hand():
     # row 0 [2 - 6, 6 - 6] = [-4, 0]; row 1 [8 - 6] = [2] (= 2 * (r - mean(2, 4)))
     r = prime.process_rloo(t([[1.0, 3.0], [4.0, 99.0]]), t([[1.0, 1.0], [1.0, 0.0]]), 2)
     assert close(r, [[-4.0, 0.0], [2.0, 0.0]])
-    # one token per row: RLOO on the outcome, as grpo.rloo_advantages: 0.95, -0.55, -0.4
+    # one token per row: RLOO on the outcome, as rloo.rloo_advantages: 0.95, -0.55, -0.4
     last = t([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     assert close(prime.process_rloo(t([1.0, 0.0, 0.1])[:, None] * last, last, 3).sum(-1), [0.95, -0.55, -0.4])
 
@@ -201,6 +179,58 @@ def test_algo_end_to_end_with_tis_and_dynamic_sampling(algo, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# an algorithm is a module: a fork of ppo.py, and a new estimator in a file of its own (no existing file touched)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_copy_of_ppo_py_under_another_name_is_ppo(tmp_path):
+    """cp ppo.py my_ppo.py; --algo my_ppo.py: two PPO steps (critic, KL reward, GAE) with the same metrics and the
+    same policy and critic weights as --algo ppo."""
+    fork = tmp_path / "my_ppo.py"
+    shutil.copy(os.path.join(REPO, "ppo.py"), fork)
+    for out, algo in ((tmp_path / "ppo", "ppo"), (tmp_path / "fork", str(fork))):
+        train(out, steps=2, algo=algo, rollout="hf", eval_every=0, save_every=2)
+    a, b = read_metrics(tmp_path / "ppo"), read_metrics(tmp_path / "fork")
+    assert len(a) == len(b) == 2 and "value_loss" in a[-1] and a[-1]["critic_grad_norm"] > 0
+    for x, y in zip(a, b):
+        assert_same_metrics(x, y, "--algo my_ppo.py against --algo ppo")
+    assert_same_weights(tmp_path / "ppo" / "checkpoints" / "step_2", tmp_path / "fork" / "checkpoints" / "step_2")
+
+
+ONE_FUNCTION_ESTIMATOR = '''"""A new estimator in one function: the score minus the batch's mean score (all ranks)."""
+import torch
+import torch.distributed as dist
+
+from grpo import *  # noqa: F401,F403  GRPO's declarations, check(), loss(), next_kl_coef()
+
+
+@torch.no_grad()
+def advantages(batch, scores, args, kl_coef):
+    total = torch.stack([scores.sum(), torch.tensor(float(len(scores)))])
+    dist.all_reduce(total)
+    batch["advantages"] = (scores - total[0] / total[1])[:, None].expand_as(batch["mask"]).contiguous()
+    return {"batch_mean_score": (total[0] / total[1]).item()}
+'''
+
+
+@pytest.mark.slow
+def test_a_one_function_estimator_in_a_new_file_trains(tmp_path):
+    """A file that imports GRPO's contract and replaces advantages() trains with --algo FILE: the built-in base
+    (whose rewards vary) learns under it, its metric is logged, and no file of the repository changed."""
+    before = {f: open(os.path.join(REPO, f), "rb").read() for f in os.listdir(REPO) if f.endswith(".py")}
+    (tmp_path / "mean_baseline.py").write_text(ONE_FUNCTION_ESTIMATOR)
+    out = tmp_path / "out"
+    res = python(TRAIN, ["--algo", str(tmp_path / "mean_baseline.py"), "--steps", "2", "--batch-prompts", "2",
+                         "--group-size", "4", "--eval-every", "0", "--max-response-len", "64", "--rollout", "hf",
+                         "--out", str(out)], timeout=420)
+    assert res.returncode == 0, res.tail()
+    lines = read_metrics(out)
+    assert len(lines) == 2 and all(math.isfinite(m["loss"]) for m in lines)
+    assert all(0 <= m["batch_mean_score"] <= 1 for m in lines) and max(m["batch_mean_score"] for m in lines) > 0
+    assert max_weight_change(os.path.join(REPO, "assets", "countdown-base"), out / "checkpoints" / "step_2") > 0
+    assert before == {f: open(os.path.join(REPO, f), "rb").read() for f in before}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # bad input: one line before any model loads
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra, phrase", [
@@ -209,6 +239,11 @@ def test_algo_end_to_end_with_tis_and_dynamic_sampling(algo, tmp_path):
     (["--tis-cap", "1"], "--tis-cap 1 must be > 1"),
     (["--tis-cap", "2", "--top-p", "0.9"], "--tis-cap with --top-p < 1"),
     (["--dynamic-sampling", "2", "--algo", "reinforce++", "--group-size", "1"], "--dynamic-sampling drops groups"),
+    (["--kl-ctrl", "adaptive", "--algo", "reinforce++"], "--kl-ctrl adaptive steers PPO's KL reward"),
+    (["--algo", "nope"], "--algo 'nope': No module named 'nope'"),
+    (["--algo", "no/such/file.py"], "--algo 'no/such/file.py': no such file"),
+    (["--algo", "aha"], "aha.py lacks CRITIC, PRM, KL_IN_REWARD, check, skip_zero_rows, advantages, loss, "
+                        "next_kl_coef"),
 ])
 def test_bad_input_algos(extra, phrase, tmp_path):
     out = tmp_path / "out"

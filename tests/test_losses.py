@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
+import passes  # noqa: E402
 import ppo  # noqa: E402
 
 LN2 = math.log(2.0)  # 0.693147...
@@ -180,6 +181,19 @@ def test_kl_estimators_by_hand():
     assert ppo.KL_ESTIMATORS == ("k1", "k2", "k3")
     with pytest.raises(ValueError, match="k3"):
         ppo.kl_penalty(logp, ref, "low_var_kl")
+
+
+def test_k3_is_clamped_as_verl_at_wide_log_ratios():
+    # d = logp - ref = -8: k3 = e^8 - 8 - 1 = 2971.96 unclamped; veRL and TinyZero clamp it to 10, where its gradient
+    # is 0. d = +8: e^-8 + 8 - 1 = 7.000335 (inside the clamp), gradient d/dlogp = 1 - e^-8 = 0.999665.
+    # d = +12: e^-12 + 11 = 11.000006 -> 10, gradient 0. d = 0.5: e^-0.5 - 0.5 = 0.106531, gradient
+    # 1 - e^-0.5 = 0.393469
+    logp = t([[-8.0, 8.0, 12.0, 0.5]]).requires_grad_()
+    k3 = ppo.kl_penalty(logp, torch.zeros(1, 4), "k3")
+    assert close(k3, [[10.0, 7.000335, 10.0, 0.106531]])
+    k3.sum().backward()
+    assert close(logp.grad, [[0.0, 0.999665, 0.0, 0.393469]])
+    assert ppo.MAX_K3 == 10.0
 
 
 def test_kl_estimators_expectation_under_pi():
@@ -411,7 +425,7 @@ def test_entropy_from_logits_by_hand():
     logits = torch.zeros(1, 3, 4)
     logits[0, 0] = t([LN2, 0.0, 0.0, -1e9]) + 1000.0
     logits[0, 2] = t([1000.0, 0.0, 0.0, 0.0])
-    h = ppo.entropy_from_logits(logits)
+    h = passes.entropy_from_logits(logits)
     assert close(h, t([[1.039721, 1.386294, 0.0]]))
     assert torch.isfinite(h).all()
 
@@ -441,7 +455,7 @@ def test_critic_from_tiny_qwen2(tmp_path):
     attn = torch.ones(2, P + T, dtype=torch.long)
 
     def values(ids, attn, n_prompt):  # a batch as rollout.to_batch lays it out: prompt columns, then the response
-        return ppo.critic_values(critic, {"input_ids": ids, "attention_mask": attn,
+        return passes.critic_values(critic, {"input_ids": ids, "attention_mask": attn,
                                           "response_ids": ids[:, n_prompt:]})
     critic.train()  # value-head dropout is off: train mode is deterministic
     v = values(ids, attn, P)
@@ -477,7 +491,7 @@ def _packed_batch():
 
 
 def test_pack_by_hand():
-    ids, positions, mask, index, rows, cols = ppo.pack(_packed_batch())
+    ids, positions, mask, index, rows, cols = passes.pack(_packed_batch())
     # row 0: 7 8 | 1 2 (4 tokens), row 1: [pad] 9 | 3 [pad] (2 tokens) -> 6 tokens end to end
     assert ids.tolist() == [[7, 8, 1, 2, 9, 3]]
     assert positions.tolist() == [[0, 1, 2, 3, 0, 1]]  # restart per sequence: attention stays within it
@@ -491,7 +505,7 @@ def test_pack_shares_a_groups_prompt_by_hand():
     import rollout
     samples = [{"token_ids": r, "logprobs": [0.0] * len(r), "truncated": False} for r in ([1, 2], [3], [4], [5])]
     batch = rollout.to_batch([[7, 8], [9]], samples, 2, 0, torch.device("cpu"))  # groups [0 0 1 1]
-    ids, positions, mask, index, rows, cols = ppo.pack({k: v[:3] for k, v in batch.items()})
+    ids, positions, mask, index, rows, cols = passes.pack({k: v[:3] for k, v in batch.items()})
     assert ids.tolist() == [[7, 8, 1, 2, 3, 9, 4]]
     assert positions.tolist() == [[0, 1, 2, 3, 2, 0, 1]]  # response [3] sits after the prompt, at 2
     # token 1 from the prompt's last position 1, token 2 from 2; token 3 ALSO from 1; token 4 from 5
@@ -524,7 +538,7 @@ def test_packed_logprobs_equal_each_sequence_alone():
     samples = [{"token_ids": torch.randint(1, 50, (n,), generator=g).tolist(), "truncated": False,
                 "logprobs": [0.0] * n} for n in (4, 7, 1, 3, 6, 2)]  # 2 per prompt
     batch = rollout.to_batch(prompts, samples, 2, 0, torch.device("cpu"))
-    logp, ent = ppo.response_logprobs(model, batch, temp, with_entropy=True)
+    logp, ent = passes.response_logprobs(model, batch, temp, with_entropy=True)
     assert logp.shape == ent.shape == batch["mask"].shape
     for k, s in enumerate(samples):
         q, r = prompts[k // 2], s["token_ids"]
@@ -532,7 +546,7 @@ def test_packed_logprobs_equal_each_sequence_alone():
             z = model(input_ids=torch.tensor([q + r])).logits[0, len(q) - 1:-1] / temp  # predicts r
         ref = torch.log_softmax(z, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
         assert close(logp[k, :len(r)], ref, atol=1e-5)
-        assert close(ent[k, :len(r)], ppo.entropy_from_logits(z), atol=1e-5)
+        assert close(ent[k, :len(r)], passes.entropy_from_logits(z), atol=1e-5)
         assert (logp[k, len(r):] == 0).all() and (ent[k, len(r):] == 0).all()  # padding: 0, not garbage
 
 
@@ -546,11 +560,11 @@ def test_a_shared_prompt_gives_the_same_gradients():
                 "logprobs": [0.0] * n} for n in (4, 1, 5, 3, 2, 6)]  # 3 per prompt
     batch = rollout.to_batch(prompts, samples, 3, 0, torch.device("cpu"))
     alone = {k: v for k, v in batch.items() if k != "group"}
-    assert ppo.pack(batch)[0].shape[1] == 6 + 3 + 21 < ppo.pack(alone)[0].shape[1] == 3 * 6 + 3 * 3 + 21
+    assert passes.pack(batch)[0].shape[1] == 6 + 3 + 21 < passes.pack(alone)[0].shape[1] == 3 * 6 + 3 * 3 + 21
     grads = []
     for b in (batch, alone):
         model = _tiny_lm()
-        logp = ppo.response_logprobs(model, b, 0.9)
+        logp = passes.response_logprobs(model, b, 0.9)
         (logp * torch.arange(1.0, 7.0)[:, None]).sum().backward()  # a different weight per sequence
         grads.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
     assert close(grads[0][0], grads[1][0], atol=1e-5)
@@ -560,9 +574,9 @@ def test_a_shared_prompt_gives_the_same_gradients():
 def test_entropy_has_a_gradient_only_when_asked():
     batch = _packed_batch()
     model = _tiny_lm()
-    logp, ent = ppo.response_logprobs(model, batch, 1.0, with_entropy=True)
+    logp, ent = passes.response_logprobs(model, batch, 1.0, with_entropy=True)
     assert logp.requires_grad and not ent.requires_grad  # no [N, V] softmax kept for an unused bonus
-    logp2, ent2 = ppo.response_logprobs(model, batch, 1.0, with_entropy=True, entropy_grad=True)
+    logp2, ent2 = passes.response_logprobs(model, batch, 1.0, with_entropy=True, entropy_grad=True)
     assert ent2.requires_grad and close(ent, ent2.detach(), atol=1e-6) and close(logp, logp2.detach(), atol=1e-6)
 
 
@@ -571,11 +585,11 @@ def test_micro_batches_by_token_budget():
     attn = t([[1, 1, 1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
               [0, 0, 1, 1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1, 0]]).long()
     batch = {"attention_mask": attn, "row": torch.arange(4)}
-    parts = [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 12)]
+    parts = [mb["row"].tolist() for mb in passes.micro_batches(batch, torch.arange(4), 12)]
     assert parts == [[0, 1], [2, 3]]
-    assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.tensor([3, 0, 2]), 9)] == [[3], [0, 2]]
+    assert [mb["row"].tolist() for mb in passes.micro_batches(batch, torch.tensor([3, 0, 2]), 9)] == [[3], [0, 2]]
     # a sequence longer than the budget goes alone; nothing is dropped or reordered
-    assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 6)] == [[0], [1], [2], [3]]
+    assert [mb["row"].tolist() for mb in passes.micro_batches(batch, torch.arange(4), 6)] == [[0], [1], [2], [3]]
 
 
 def test_micro_batches_count_a_shared_prompt_once():
@@ -585,9 +599,9 @@ def test_micro_batches_count_a_shared_prompt_once():
     batch = {"attention_mask": attn, "response_ids": attn[:, 3:], "group": t([0, 0, 0, 1]).long(),
              "row": torch.arange(4)}
     # laid out: 3 + 2 = 5, + 1 = 6, + 4 = 10 (the prompt once), then 1 + 1 = 2: budget 10 -> [0 1 2] [3]
-    assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 10)] == [[0, 1, 2], [3]]
+    assert [mb["row"].tolist() for mb in passes.micro_batches(batch, torch.arange(4), 10)] == [[0, 1, 2], [3]]
     # budget 9: row 2 starts a micro-batch and brings its prompt again: 3 + 4 = 7, + 2 = 9
-    assert [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 9)] == [[0, 1], [2, 3]]
+    assert [mb["row"].tolist() for mb in passes.micro_batches(batch, torch.arange(4), 9)] == [[0, 1], [2, 3]]
 
 
 def _equal_counts(rank, world, port, out):
@@ -596,10 +610,10 @@ def _equal_counts(rank, world, port, out):
     # rank 0: 4 sequences of 3 tokens (one micro-batch of budget 12); rank 1: 4 of 10 (four micro-batches)
     attn = torch.ones(4, 3 if rank == 0 else 10, dtype=torch.long)
     batch = {"attention_mask": attn, "row": torch.arange(4), "mask": torch.ones(4, 2)}
-    out[rank] = [mb["row"].tolist() for mb in ppo.micro_batches(batch, torch.arange(4), 12)]
+    out[rank] = [mb["row"].tolist() for mb in passes.micro_batches(batch, torch.arange(4), 12)]
     # rank 0 now brings one row, or none: fillers (its row 0, nothing in the loss) make up the count
     for key, idx in (("one", torch.tensor([2])), ("none", torch.tensor([], dtype=torch.long))):
-        mbs = list(ppo.micro_batches(batch, idx if rank == 0 else torch.arange(4), 12))
+        mbs = list(passes.micro_batches(batch, idx if rank == 0 else torch.arange(4), 12))
         out[rank, key] = [(mb["row"].tolist(), mb["mask"].sum().item(), "filler" in mb) for mb in mbs]
     dist.destroy_process_group()
 
@@ -618,11 +632,51 @@ def test_micro_batches_are_as_many_on_every_rank():
     assert out[1, "one"] == out[1, "none"] == [([k], 2.0, False) for k in range(4)]
 
 
+def test_tally_means_and_maxima_by_hand():
+    # "x": weighted mean (2 * 0.25 + 4 * 0.75) / (0.25 + 0.75) = 3.5; "n": 6 values summing to 3 at once, then 2 of
+    # value 1.5: (3 + 3) / 8 = 0.75; "ratio_max": the largest (a mean of the maxima would say 2.5)
+    tally = passes.Tally()
+    tally.add("x", 2.0, 0.25), tally.add("x", 4.0, 0.75), tally.add_sum("n", 3.0, 6), tally.add("n", 1.5, 2.0)
+    tally.add("ratio_max", 1.0), tally.add("ratio_max", 4.0)
+    assert tally.sums == {"x": 3.5, "n": 6.0} and tally.weights == {"x": 1.0, "n": 8.0}
+    assert tally.maxima == {"ratio_max": 4.0}
+
+
+def _tally_over_ranks(rank, world, port, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    def allreduce(d, op=dist.ReduceOp.SUM):  # train.py's
+        keys = sorted(d)
+        x = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(x, op=op)
+        return dict(zip(keys, x.tolist()))
+
+    tally = passes.Tally()
+    # rank 0: entropy 1.0 over weight 3, ratio_max 1.5 and 2.0; rank 1: entropy 3.0 over weight 1, ratio_max 7.0;
+    # "none" has weight 0 on both ranks (no row trained): left out
+    tally.add("entropy", 1.0 if rank == 0 else 3.0, 3.0 if rank == 0 else 1.0)
+    for r in ([1.5, 2.0] if rank == 0 else [7.0]):
+        tally.add("ratio_max", r)
+    tally.add("none", 5.0, 0.0)
+    out[rank] = tally.over_ranks(allreduce)
+    dist.destroy_process_group()
+
+
+def test_tally_over_ranks_takes_the_maximum_of_maxima():
+    # entropy (1 * 3 + 3 * 1) / (3 + 1) = 1.5; ratio_max max(1.5, 2, 7) = 7 on every rank
+    import torch.multiprocessing as mp
+    import cli
+    out = mp.Manager().dict()
+    mp.spawn(_tally_over_ranks, args=(2, cli.free_port(), out), nprocs=2)
+    assert out[0] == out[1] == {"entropy": 1.5, "ratio_max": 7.0}
+
+
 def test_micro_batches_of_no_rows_are_one_filler():
     """Alone, no rows still make one pass (its gradient is zeros, so the optimizer steps as it would)."""
     batch = {"attention_mask": torch.ones(2, 3, dtype=torch.long), "mask": torch.ones(2, 1),
              "valid": torch.ones(2, 1), "row": torch.arange(2)}
-    (mb,) = ppo.micro_batches(batch, torch.tensor([], dtype=torch.long), 12)
+    (mb,) = passes.micro_batches(batch, torch.tensor([], dtype=torch.long), 12)
     assert mb["filler"] and mb["row"].tolist() == [0] and mb["mask"].sum() == 0 and mb["valid"].sum() == 0
 
 
@@ -637,7 +691,8 @@ def test_a_group_of_equal_scores_adds_nothing_to_the_update():
                 "logprobs": [0.0] * n} for n in (3, 5, 2, 4)]
     batch = rollout.to_batch(prompts, samples, 2, 0, torch.device("cpu"))
     args = SimpleNamespace(algo="grpo", group_size=2, no_std_scale=False, clip_low=0.2, clip_high=0.2,
-                           kl_estimator="k3", loss_agg="token-mean", max_response_len=5, tis_cap=0.0)
+                           kl_estimator="k3", loss_agg="token-mean", max_response_len=5, tis_cap=0.0,
+                           entropy_coef=0.0)
     grpo.advantages(batch, t([1.0, 0.0, 1.0, 1.0]), args, kl_coef=0.0)  # the second group is flat
     assert batch["advantages"][2:].abs().sum() == 0 and batch["advantages"][:2].abs().min() > 0
     denom = batch["mask"].sum()
@@ -645,9 +700,9 @@ def test_a_group_of_equal_scores_adds_nothing_to_the_update():
     for rows in (torch.arange(4), torch.arange(2)):
         model = _tiny_lm()
         mb = {k: v[rows] for k, v in batch.items()}
-        logp = ppo.response_logprobs(model, mb, 1.0)
+        logp = passes.response_logprobs(model, mb, 1.0)
         mb["old_logp"] = logp.detach() + 0.1  # the ratio is not 1
-        loss, _ = grpo.loss(logp, None, mb, args, kl_coef=0.0, denom=denom)
+        loss, _ = grpo.loss(logp, None, None, mb, args, kl_coef=0.0, denom=denom)
         loss.backward()
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     assert abs(grads[0][0] - grads[1][0]) < 1e-7 and grads[0][0] != 0

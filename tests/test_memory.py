@@ -72,7 +72,7 @@ def test_keep_gathered_adds_an_unsharded_copy_to_the_update_peak():
 def test_check_names_keep_gathered_off_when_the_gathered_copies_do_not_fit():
     """3B GRPO on 8 GPUs of 20 GB with --keep-gathered on: the update holds 12N/8 of sharded state + 4N of
     unsharded gradients + 2N of gathered bf16 parameters = 7.5 N = 23.1 GB; off: 1.5 N + 4N/8 = 2 N = 6.2 GB."""
-    kw = dict(world=8, dtype_bytes=2, algo="grpo", kl_coef=0, rollout="vllm", vllm_share=0.3, micro_batch_tokens=8192,
+    kw = dict(world=8, dtype_bytes=2, critic=False, kl_coef=0, rollout="vllm", vllm_share=0.3, micro_batch_tokens=8192,
               mini_batch_tokens=64 * 1280, device_bytes=20e9)
     line, problem = memory.check(N3, C3, gathered=True, **kw)
     assert f"update_peak {7.5 * N3 / 2**30:.1f}" in line
@@ -84,7 +84,7 @@ def test_check_names_keep_gathered_off_when_the_gathered_copies_do_not_fit():
 def test_check_fails_in_one_line_naming_the_flags_that_would_fit():
     """3B PPO on one 80 GB GPU needs 97.7 GiB: GRPO alone fits (62.6 GiB at the rollout), so does a second GPU
     (60.4 GiB at the update); --kl-coef 0 alone does not (92.0), nor any vLLM share (the update alone is 97.7)."""
-    line, problem = memory.check(N3, C3, world=1, dtype_bytes=2, algo="ppo", kl_coef=1e-3, rollout="vllm",
+    line, problem = memory.check(N3, C3, world=1, dtype_bytes=2, critic=True, kl_coef=1e-3, rollout="vllm",
                                  vllm_share=0.3, micro_batch_tokens=8192, mini_batch_tokens=64 * 1280,
                                  device_bytes=GB80)
     assert "update_peak 97.7" in line and "GPU 74.5" in line
@@ -94,7 +94,7 @@ def test_check_fails_in_one_line_naming_the_flags_that_would_fit():
 
 
 def test_check_passes_a_run_that_fits_and_names_a_smaller_vllm_share():
-    kw = dict(world=1, dtype_bytes=2, algo="grpo", kl_coef=1e-3, rollout="vllm", micro_batch_tokens=8192,
+    kw = dict(world=1, dtype_bytes=2, critic=False, kl_coef=1e-3, rollout="vllm", micro_batch_tokens=8192,
               mini_batch_tokens=64 * 1280, device_bytes=GB80)
     assert memory.check(N3, C3, vllm_share=0.3, **kw)[1] is None  # 62.6 GiB
     # at 0.7 the rollout needs 40.2 (resident) + 52.2 GiB, the update 51.7: a share of 0.45 (33.5 GiB) fits, as
