@@ -30,6 +30,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO and WARNING lin
 import torch  # noqa: E402
 
 import cli  # noqa: E402
+import countdown  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
 
@@ -62,7 +63,7 @@ def model_path(name):
 
 def countdown_prompts(tok, n):
     """n small Countdown prompts (TinyZero's base template) as token-id lists."""
-    tasks = data.make_countdown(n, 0, num_counts=(3,), num_range=(1, 20), target_range=(10, 50))
+    tasks = countdown.make(n, 0, num_counts=(3,), num_range=(1, 20), target_range=(10, 50))
     texts = [data.prompt_text(data.countdown_row(t, "base", "train", i)) for i, t in enumerate(tasks)]
     return tok(texts, add_special_tokens=False)["input_ids"]
 
@@ -119,7 +120,6 @@ def table(res, cols, pct=()):
         print("  ".join(x.rjust(w) for x, w in zip(r, widths)))
 
 
-# ----------------------------------------------------------------------------------------------------------
 def bench_rollout(a, device):
     """rollout.generate with vLLM and with transformers generate: same model, prompts, sampling settings."""
     import rollout
