@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO and WARNING lin
 import torch  # noqa: E402
 
 import cli  # noqa: E402
+import countdown  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
 
@@ -61,7 +63,7 @@ def model_path(name):
 
 def countdown_prompts(tok, n):
     """n small Countdown prompts (TinyZero's base template) as token-id lists."""
-    tasks = data.make_countdown(n, 0, num_counts=(3,), num_range=(1, 20), target_range=(10, 50))
+    tasks = countdown.make(n, 0, num_counts=(3,), num_range=(1, 20), target_range=(10, 50))
     texts = [data.prompt_text(data.countdown_row(t, "base", "train", i)) for i, t in enumerate(tasks)]
     return tok(texts, add_special_tokens=False)["input_ids"]
 
@@ -118,7 +120,6 @@ def table(res, cols, pct=()):
         print("  ".join(x.rjust(w) for x, w in zip(r, widths)))
 
 
-# ----------------------------------------------------------------------------------------------------------
 def bench_rollout(a, device):
     """rollout.generate with vLLM and with transformers generate: same model, prompts, sampling settings."""
     import rollout
@@ -167,12 +168,11 @@ def sync_worker(a):
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
-    path = a.models[0]
-    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    policy = AutoModelForCausalLM.from_pretrained(a.models[0], dtype=torch.float32).to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for module in [*policy.model.layers, policy]:
         fully_shard(module, mesh=mesh)
-    engine = rollout.make_engine("vllm", path, dtype=getattr(torch, a.dtypes[0]), device=device,
+    engine = rollout.make_engine("vllm", a.models[0], dtype=getattr(torch, a.dtypes[0]), device=device,
                                  max_model_len=1024, seed=0)
     times = []
     for _ in range(10 * a.reps + 1):  # cheap: many repetitions; the first is warm-up
@@ -197,11 +197,10 @@ def sync_worker(a):
 
 def train_args(a, algo, path, out):
     """train.py's flags for a benchmark run."""
-    dtype = ["--dtype", a.dtypes[0]] if a.dtype else []
     return ["train.py", "--out", out, "--model", path, "--algo", algo, "--steps", a.steps, "--eval-every", 0,
             "--rollout", a.rollout, "--batch-prompts", a.batch_prompts, "--group-size", a.group_size,
-            "--max-response-len", a.max_tokens, *dtype] + (["--micro-batch-tokens", a.micro_batch_tokens] *
-                                                             bool(a.micro_batch_tokens))
+            "--max-response-len", a.max_tokens, *(["--dtype", a.dtypes[0]] if a.dtype else []),
+            *(["--micro-batch-tokens", a.micro_batch_tokens] if a.micro_batch_tokens else [])]
 
 
 def run_train(a, algo, path, out=None, extra=()):
@@ -289,12 +288,11 @@ def bench_step(a, device):
     dt = a.dtypes[0] if a.dtype else ("bfloat16" if device.type == "cuda" else "float32")  # train.py's dtype
     peak = matmul_peak(getattr(torch, dt), device) * a.nproc  # one process's peak (1 thread, 1 GPU) x ranks
     for name in a.models:
-        for algo in a.algos:
+        for algo in a.algo.split(","):
             m = run_train(a, algo, model_path(name))
             m["update_mfu"] = m["update_tflop_s"] * 1e12 / peak
-            keep = ("tok_s", "trainer_tok_s", "update_tflop_s", "update_mfu", "mem_peak_gib", "prompt_len",
-                    "response_len")
-            m = {k: v for k, v in m.items() if k.startswith("time_") or k in keep}
+            m = {k: v for k, v in m.items() if k.startswith("time_") or k in (
+                "tok_s", "trainer_tok_s", "update_tflop_s", "update_mfu", "mem_peak_gib", "prompt_len", "response_len")}
             res.setdefault(name, {})[algo] = m | {k.replace("time", "share"): m[k] / m["time_step"] for k in PHASES}
     print(f"train.py, {a.nproc} ranks, {a.batch_prompts} prompts x {a.group_size}, <= {a.max_tokens} tokens, "
           f"--rollout {a.rollout}; seconds, mean of steps 2..{a.steps}; update MFU vs {dt} peak "
@@ -311,7 +309,6 @@ def bench_gpu(a, device):
     (the engine every GPU has) and a checkpoint after each, then the last step again resumed from the one before
     it; peak memory, tokens/s, update MFU, and whether the resumed step equals the uninterrupted one.
     --dry-run: the same on this machine's CPU with the tiny model, in a couple of minutes (CI runs it)."""
-    import shutil
     name = "tiny" if a.dry_run else "qwen2.5-0.5b"
     path, dt = model_path(name), "bfloat16"
     a.dtype, a.dtypes, a.rollout = dt, [dt], "hf"
@@ -321,9 +318,8 @@ def bench_gpu(a, device):
         shutil.rmtree(d, ignore_errors=True)
     m = run_train(a, "grpo", path, out, ["--save-every", 1, "--keep-checkpoints", 2])
     # the resume: a fresh run folder with the checkpoint of the step before the last, as after a crash
-    shutil.copytree(os.path.join(out, "checkpoints", f"step_{last - 1}"),
-                    os.path.join(resumed, "checkpoints", f"step_{last - 1}"))
-    shutil.copytree(os.path.join(out, "data"), os.path.join(resumed, "data"))  # the tasks train.py generated
+    for sub in (os.path.join("checkpoints", f"step_{last - 1}"), "data"):  # data: the tasks train.py generated
+        shutil.copytree(os.path.join(out, sub), os.path.join(resumed, sub))
     with open(os.path.join(out, "metrics.jsonl")) as f, open(os.path.join(resumed, "metrics.jsonl"), "w") as g:
         g.writelines(line for line in f if json.loads(line)["step"] < last)
     torchrun(a.nproc, train_args(a, "grpo", path, resumed) + ["--save-every", 1, "--resume"], resumed + ".log",
@@ -348,8 +344,8 @@ def bench_gpu(a, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     add = p.add_argument
-    add("what", choices=["rollout", "sync", "train", "step", "gpu", "_sync"], help="what to measure (_sync: sync's "
-      "worker)")
+    run = {"rollout": bench_rollout, "sync": bench_sync, "train": bench_train, "step": bench_step, "gpu": bench_gpu}
+    add("what", choices=[*run, "_sync"], help="what to measure (_sync: sync's worker)")
     add("--model", default="", help="comma-separated tiny, medium, qwen2.5-0.5b or model folders; default: "
       "tiny,medium for rollout and train, tiny for sync and step")
     add("--dtype", default="", help="comma-separated float32, bfloat16; default: both for rollout and train, "
@@ -359,8 +355,7 @@ def main():
     add("--reps", type=int, default=2, help="timed repetitions after a warm-up (medians are reported)")
     add("--prompts", type=int, default=2, help="rollout: prompts per generate call")
     add("--n", type=int, default=4, help="rollout: samples per prompt")
-    add("--max-tokens", type=int, default=0, help="response tokens; 0: 64 for rollout and train, 128 for sync and "
-      "step")
+    add("--max-tokens", type=int, default=0, help="response tokens; 0: 64 for rollout and train, 128 for sync and step")
     add("--micro-batch", type=int, default=1, help="train: sequences per step")
     add("--micro-batch-tokens", type=int, default=0, help="sync, step, gpu: train.py's --micro-batch-tokens (0: its "
       "auto)")
@@ -380,7 +375,6 @@ def main():
         p.error(f"--dtype {a.dtype!r}: float32, bfloat16 or both, comma-separated")
     a.models = (a.model or ("tiny,medium" if light and not a.quick else "tiny")).split(",")
     a.max_tokens = a.max_tokens or (16 if a.quick else 64 if light else 128)
-    a.algos = a.algo.split(",")
     if a.what == "gpu":  # one GPU, a batch that keeps the first GPU check under 10 minutes; dry run: seconds a step
         a.nproc, a.steps = 1, 3
         a.batch_prompts, a.group_size, a.max_tokens = (2, 2, 16) if a.dry_run else (8, 8, 256)
@@ -395,7 +389,6 @@ def main():
     t = time.time()
     if a.what == "rollout" and device.type == "cuda" and len(a.models) * len(a.dtypes) > 1:
         p.error("rollout on CUDA: one --model and one --dtype per process (vLLM's sleep mode allows one engine)")
-    run = {"rollout": bench_rollout, "sync": bench_sync, "train": bench_train, "step": bench_step, "gpu": bench_gpu}
     res = run[a.what](a, device)
     print(f"{time.time() - t:.0f} s")
     if a.json:

@@ -1,8 +1,32 @@
-"""The Countdown numbers game: solvable tasks drawn by seed, and the brute-force solver behind them (every value
-reachable from the numbers, each used once, + - * / with integer steps; one expression for a target, kept as the
-row's "solution"). data.py's make_countdown runs draw() chunk by chunk. Standard library only.
+"""The Countdown numbers game: its prompt texts, solvable tasks drawn by seed (make), and the brute-force solver
+behind them (every value reachable from the numbers, each used once, + - * / with integer steps; one expression for
+a target, kept as the row's "solution"). Standard library only, but for make()'s progress bar (chunks.py).
 """
 import random
+
+import chunks
+
+# The prompt texts (data.py renders them), character for character as in TinyZero's
+# examples/data_preprocess/countdown.py, and ours.
+QUESTION = (
+    "Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
+    "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
+    "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
+PROMPTS = {
+    "base": "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+            "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+            "the answer.\nUser: " + QUESTION + "\nAssistant: Let me solve this step by step.\n<think>",
+    "qwen-instruct": "<|im_start|>system\nYou are a helpful assistant. You first thinks about the reasoning "
+                     "process in the mind and then provides the user with the answer.<|im_end|>\n<|im_start|>user"
+                     "\n " + QUESTION + "<|im_end|>\n<|im_start|>assistant\nLet me solve this step by step."
+                     "\n<think>",
+    "chat": QUESTION,  # the user turn only; data.prompt_text() renders it with the tokenizer's template
+    # ours, not TinyZero's: the question's first sentence only (~70 bytes instead of ~565), for small CPU
+    # models; pretrain.py's corpus uses exactly this text, so the built-in base model knows it
+    "tiny": "Using the numbers {numbers}, create an equation that equals {target}.\n<think>",
+    "chat-think": QUESTION.split(", for example")[0] + ".",  # see data.CHAT_THINK_DEMOS
+    "chat-demo": QUESTION.split(", for example")[0] + ".",
+}
 
 
 def key(target, numbers):
@@ -10,10 +34,34 @@ def key(target, numbers):
     return ("countdown", int(target), tuple(sorted(int(x) for x in numbers)))
 
 
+def make(n, seed, num_counts=(3, 4), num_range=(1, 99), target_range=(10, 100), exclude=None, workers=1,
+         progress=False):
+    """n solvable Countdown tasks [{'target', 'numbers', 'solution'}], deterministic in (n, seed, options).
+
+    Like Countdown-Tasks-3to4: a count drawn from num_counts, that many numbers uniform in num_range, then a
+    target drawn uniformly among the values in target_range that +, -, *, / with exact integer steps reach
+    using each number once. Tasks whose key() is in `exclude` are never returned. workers=None uses
+    every available core for n >= 20,000 (the CLI does; inside a trainer, forking is best avoided).
+    """
+    num_counts, num_range, target_range = tuple(num_counts), tuple(num_range), tuple(target_range)
+    if not (num_counts and all(1 <= k <= 5 for k in num_counts)):
+        raise ValueError(f"countdown: counts must be in 1..5, got {num_counts}")
+    if not (len(num_range) == 2 and 1 <= num_range[0] <= num_range[1]):
+        raise ValueError(f"countdown: number range must be 1 <= lo <= hi, got {num_range}")
+    if not (len(target_range) == 2 and 0 <= target_range[0] <= target_range[1]):
+        raise ValueError(f"countdown: target range must be 0 <= lo <= hi, got {target_range}")
+    top = max(max(k * num_range[1], num_range[1] ** k) for k in num_counts)  # the largest value any task reaches
+    if not target_range[0] <= top:
+        raise ValueError(f"countdown: no target in {target_range} can be reached: numbers in {num_range} "
+                         f"with counts {num_counts} reach at most {top}")
+    args = (seed, num_counts, num_range, target_range, frozenset(exclude or ()), chunks.MAX_FAILED_DRAWS)
+    return chunks.run(draw, n, args, workers, progress, "countdown")
+
+
 def draw(args):
-    """One chunk of data.make_countdown's tasks: args = (seed, chunk, n, num_counts, num_range, target_range,
-    exclude, max_failed). n tasks {"target", "numbers", "solution"}, a function of (seed, chunk) and the options;
-    keys in exclude (key()) are never drawn. ValueError after max_failed useless draws in a row."""
+    """One chunk of make()'s tasks: args = (seed, chunk, n, num_counts, num_range, target_range, exclude,
+    max_failed). n tasks {"target", "numbers", "solution"}, a function of (seed, chunk) and the options; keys in
+    exclude (key()) are never drawn. ValueError after max_failed useless draws in a row."""
     seed, chunk, n, num_counts, num_range, target_range, exclude, max_failed = args
     rng = random.Random(f"countdown:{seed}:{chunk}")  # str seeds are hashed deterministically (sha512)
     lo, hi = target_range

@@ -1,5 +1,6 @@
 """
-Tasks, prompts and data files for the Countdown and multiplication tasks. Imports no torch.
+Rows, prompts and data files for the Countdown and multiplication tasks; the tasks themselves (drawn by seed) and
+their prompt texts are in countdown.py and multiply.py. Imports no torch.
 
     python data.py countdown --out data/countdown --train 327680 --test 1024 --seed 0
     python data.py countdown --out data/cpu --train 20000 --test 500 --num-counts 3 --num-range 1 9 \
@@ -15,7 +16,6 @@ Every file holds rows in TinyZero's schema, so TinyZero's own parquet files load
 """
 
 import argparse
-import contextlib
 import json
 import os
 import time
@@ -26,8 +26,6 @@ import numpy as np
 import countdown
 import multiply
 
-CHUNK = 2048  # tasks per generator chunk; each chunk has its own seed, so output does not depend on workers
-MAX_FAILED_DRAWS = 20_000  # consecutive useless draws before a generator gives up on its options
 MAX_LINE = 1 << 20  # bytes: a longer jsonl line is refused unparsed (a row is ~1 KB)
 
 
@@ -36,42 +34,7 @@ def _need(ok, problem):
         raise ValueError(problem)
 
 
-# The prompt texts, character for character as in TinyZero's examples/data_preprocess/{countdown,multiply}.py.
-COUNTDOWN_QUESTION = (
-    "Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
-    "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
-    "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
-COUNTDOWN_PROMPTS = {
-    "base": "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-            "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-            "the answer.\nUser: " + COUNTDOWN_QUESTION + "\nAssistant: Let me solve this step by step.\n<think>",
-    "qwen-instruct": "<|im_start|>system\nYou are a helpful assistant. You first thinks about the reasoning "
-                     "process in the mind and then provides the user with the answer.<|im_end|>\n<|im_start|>user"
-                     "\n " + COUNTDOWN_QUESTION + "<|im_end|>\n<|im_start|>assistant\nLet me solve this step by "
-                     "step.\n<think>",
-    "chat": COUNTDOWN_QUESTION,  # the user turn only; prompt_text() renders it with the tokenizer's template
-    # ours, not TinyZero's: the question's first sentence only (~70 bytes instead of ~565), for small CPU
-    # models; pretrain.py's corpus uses exactly this text, so the built-in base model knows it
-    "tiny": "Using the numbers {numbers}, create an equation that equals {target}.\n<think>",
-    "chat-think": COUNTDOWN_QUESTION.split(", for example")[0] + ".",  # see CHAT_THINK_DEMOS
-    "chat-demo": COUNTDOWN_QUESTION.split(", for example")[0] + ".",
-}
-MULTIPLY_QUESTION = ("Give me the answer of the following equation: {a} * {b} = ? Show your work in <think> </think> "
-                     "tags. And return only the final number in <answer> </answer> tags.")
-MULTIPLY_PROMPTS = {
-    "base": "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-            "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-            "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
-            "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> RESULT_NUMBER "
-            "</answer>. User: Give me the answer of the following equation: {a} * {b} = Assistant: Ok let me "
-            "think about it.\n<think>",
-    # ours, not TinyZero's: the same instructions phrased as a user turn, with no example answer (SmolLM2 copied the
-    # '<answer> 42 </answer>' an earlier version showed); 'chat-think' adds a worked example (CHAT_THINK_DEMOS)
-    "chat": MULTIPLY_QUESTION,
-    "chat-think": MULTIPLY_QUESTION,
-    "chat-demo": MULTIPLY_QUESTION,
-}
-PROMPTS = {"countdown": COUNTDOWN_PROMPTS, "multiply": MULTIPLY_PROMPTS}  # task -> template name -> text
+PROMPTS = {"countdown": countdown.PROMPTS, "multiply": multiply.PROMPTS}  # task -> template name -> text
 # 'chat-think' (ours, for instruct models; docs/smollm2.md): rendered with the tokenizer's chat template, one solved
 # task (a worked example), then the question, then the assistant turn prefilled with THINK_PREFILL (TinyZero's
 # qwen-instruct idea): the response starts inside <think>. 'chat-demo': the same without the prefill (the model
@@ -91,53 +54,6 @@ def task_key(task):
     if "numbers" in task:
         return countdown.key(task["target"], task["numbers"])
     return multiply.key(task["a"], task["b"])
-
-
-def _run_chunks(fn, n, args, workers, progress, desc):
-    """Run fn over fixed-size chunks (serially or in a process pool) and concatenate, with a progress bar."""
-    jobs = [args[:1] + (c, min(CHUNK, n - c * CHUNK)) + args[1:] for c in range((n + CHUNK - 1) // CHUNK)]
-    if workers is None:
-        workers = min(len(os.sched_getaffinity(0)), 8) if n >= 20_000 else 1
-    import multiprocessing
-    from tqdm import tqdm  # lazily: only generators need it
-    out, pool = [], multiprocessing.Pool(workers) if workers > 1 and len(jobs) > 1 else None
-    with pool or contextlib.nullcontext(), tqdm(total=n, desc=desc, unit=" tasks", disable=not progress) as bar:
-        for part in (pool.imap(fn, jobs) if pool else map(fn, jobs)):  # in chunk order; leaving terminates the pool
-            out += part
-            bar.update(len(part))
-    return out
-
-
-def make_countdown(n, seed, num_counts=(3, 4), num_range=(1, 99), target_range=(10, 100), exclude=None,
-                   workers=1, progress=False):
-    """n solvable Countdown tasks [{'target', 'numbers', 'solution'}], deterministic in (n, seed, options).
-
-    Like Countdown-Tasks-3to4: a count drawn from num_counts, that many numbers uniform in num_range, then a
-    target drawn uniformly among the values in target_range that +, -, *, / with exact integer steps reach
-    using each number once. Tasks whose task_key() is in `exclude` are never returned. workers=None uses
-    every available core for n >= 20,000 (the CLI does; inside a trainer, forking is best avoided).
-    """
-    num_counts, num_range, target_range = tuple(num_counts), tuple(num_range), tuple(target_range)
-    _need(num_counts and all(1 <= k <= 5 for k in num_counts), f"countdown: counts must be in 1..5, got {num_counts}")
-    _need(len(num_range) == 2 and 1 <= num_range[0] <= num_range[1],
-          f"countdown: number range must be 1 <= lo <= hi, got {num_range}")
-    _need(len(target_range) == 2 and 0 <= target_range[0] <= target_range[1],
-          f"countdown: target range must be 0 <= lo <= hi, got {target_range}")
-    top = max(max(k * num_range[1], num_range[1] ** k) for k in num_counts)  # the largest value any task reaches
-    _need(target_range[0] <= top, f"countdown: no target in {target_range} can be reached: numbers in {num_range} "
-                                  f"with counts {num_counts} reach at most {top}")
-    args = (seed, num_counts, num_range, target_range, frozenset(exclude or ()), MAX_FAILED_DRAWS)
-    return _run_chunks(countdown.draw, n, args, workers, progress, "countdown")
-
-
-def make_multiply(n, seed, digits=(3, 3), exact=False, exclude=None, workers=1, progress=False):
-    """n multiplication tasks [{'a', 'b', 'product'}] (multiply.draw); digits=(a_digits, b_digits) are the maximum
-    digit counts (TinyZero's mix of shorter factors), or the exact ones with exact=True."""
-    digits = tuple(digits)
-    _need(len(digits) == 2 and all(1 <= d <= 100 for d in digits), f"multiply: digits must be two counts in 1..100, "
-                                                                    f"got {digits}")
-    args = (seed, digits, exact, frozenset(exclude or ()), MAX_FAILED_DRAWS)
-    return _run_chunks(multiply.draw, n, args, workers, progress, "multiply")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,9 +111,9 @@ def prompt_text(row, tokenizer=None):
 
 def make_splits(task, n_train, n_test, seed, template="base", workers=1, progress=False, **options):
     """(train_rows, test_rows) that never share a task: test is drawn first, train excludes its tasks.
-    options go to make_countdown / make_multiply (num_counts, num_range, target_range | digits, exact)."""
+    options go to countdown.make / multiply.make (num_counts, num_range, target_range | digits, exact)."""
     _need(task in TASKS, f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    make, to_row = (make_countdown, countdown_row) if task == "countdown" else (make_multiply, multiply_row)
+    make, to_row = (countdown.make, countdown_row) if task == "countdown" else (multiply.make, multiply_row)
     _prompt(task, template)  # an unknown template fails before the work
     test = make(n_test, f"{seed}:test", workers=workers, progress=progress, **options)
     train = make(n_train, f"{seed}:train", exclude={task_key(t) for t in test}, workers=workers,

@@ -1,7 +1,28 @@
 """Multiplication tasks as TinyZero's multiply.py draws them: each factor has d digits half the time, d-1 or d-2
-otherwise (or exactly d digits). data.py's make_multiply runs draw() chunk by chunk. Standard library only.
+otherwise (or exactly d digits), drawn by seed (make); and their prompt texts. Standard library only, but for
+make()'s progress bar (chunks.py).
 """
 import random
+
+import chunks
+
+# The prompt texts (data.py renders them), character for character as in TinyZero's
+# examples/data_preprocess/multiply.py, and ours.
+QUESTION = ("Give me the answer of the following equation: {a} * {b} = ? Show your work in <think> </think> "
+            "tags. And return only the final number in <answer> </answer> tags.")
+PROMPTS = {
+    "base": "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+            "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+            "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+            "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> RESULT_NUMBER "
+            "</answer>. User: Give me the answer of the following equation: {a} * {b} = Assistant: Ok let me "
+            "think about it.\n<think>",
+    # ours, not TinyZero's: the same instructions phrased as a user turn, with no example answer (SmolLM2 copied the
+    # '<answer> 42 </answer>' an earlier version showed); 'chat-think' adds a worked example (data.CHAT_THINK_DEMOS)
+    "chat": QUESTION,
+    "chat-think": QUESTION,
+    "chat-demo": QUESTION,
+}
 
 
 def key(a, b):
@@ -9,8 +30,18 @@ def key(a, b):
     return ("multiply", min(int(a), int(b)), max(int(a), int(b)))
 
 
+def make(n, seed, digits=(3, 3), exact=False, exclude=None, workers=1, progress=False):
+    """n multiplication tasks [{'a', 'b', 'product'}] (draw()); digits=(a_digits, b_digits) are the maximum
+    digit counts (TinyZero's mix of shorter factors), or the exact ones with exact=True."""
+    digits = tuple(digits)
+    if not (len(digits) == 2 and all(1 <= d <= 100 for d in digits)):
+        raise ValueError(f"multiply: digits must be two counts in 1..100, got {digits}")
+    args = (seed, digits, exact, frozenset(exclude or ()), chunks.MAX_FAILED_DRAWS)
+    return chunks.run(draw, n, args, workers, progress, "multiply")
+
+
 def draw(args):
-    """One chunk of data.make_multiply's tasks: args = (seed, chunk, n, digits, exact, exclude, max_failed). n tasks
+    """One chunk of make()'s tasks: args = (seed, chunk, n, digits, exact, exclude, max_failed). n tasks
     {"a", "b", "product"}, a function of (seed, chunk) and the options; keys in exclude (key()) are never drawn.
     ValueError after max_failed excluded draws in a row."""
     seed, chunk, n, digits, exact, exclude, max_failed = args

@@ -6,7 +6,7 @@ The result is a transformers folder that train.py, transformers and vLLM load as
     python pretrain.py --out assets/countdown-base      # the built-in base model (see README for the flags)
 
 The corpus is a stream of documents, each followed by the EOS token <|endoftext|>:
-  * Countdown traces (1 - --arith-frac of them). A task is drawn as data.py draws them (--num-counts numbers
+  * Countdown traces (1 - --arith-frac of them). A task is drawn as countdown.py draws them (--num-counts numbers
     uniform in --num-range, a target reachable from them in --target-range), its prompt is data.py's 'tiny'
     template, exactly as the RL data renders it, and the response is a think trace of attempts, each followed
     by a check against the target, that stops at a random point, then the LAST attempt as the answer, e.g.
@@ -47,6 +47,7 @@ import torch
 
 import aha
 import cli
+import countdown
 import data
 import rewards
 
@@ -191,8 +192,8 @@ def corpus_batch(n, step, a):
     chunk, k = divmod(step, BUCKET)
     rng = random.Random(f"pretrain:{a.seed}:{chunk}")
     n_arith = sum(rng.random() < a.arith_frac for _ in range(n * BUCKET))
-    tasks = data.make_countdown(n * BUCKET - n_arith, seed=f"pretrain:{a.seed}:{chunk}", num_counts=a.num_counts,
-                                num_range=a.num_range, target_range=a.target_range)
+    tasks = countdown.make(n * BUCKET - n_arith, seed=f"pretrain:{a.seed}:{chunk}", num_counts=a.num_counts,
+                           num_range=a.num_range, target_range=a.target_range)
     docs = [data.prompt_text(data.countdown_row(t, "tiny", "train", 0))
             + trace_response(t["numbers"], t["target"], rng, a.stop_prob, a.hit_stop_frac)
             for t in tasks] + [arith_doc(rng) for _ in range(n_arith)]

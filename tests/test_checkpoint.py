@@ -1,4 +1,5 @@
-"""Tests of checkpoint.py: what a crash, a kill -9 or a second run on the same folder may and may not leave behind."""
+"""Tests of checkpoint.py (and logs.trim_log): what a crash, a kill -9 or a second run on the same folder may and may
+not leave behind."""
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
+import logs  # noqa: E402
 
 
 def write_files(d):
@@ -233,14 +235,14 @@ def test_trim_log_keeps_steps_up_to_the_checkpoint_and_drops_a_cut_line(tmp_path
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)]
     path.write_text("".join(lines) + '{"step": 6, "lo')  # killed in the middle of writing step 6
-    assert checkpoint.trim_log(path, 3) == 3
+    assert logs.trim_log(path, 3) == 3
     assert path.read_text() == "".join(lines[:3])
 
     path.write_text("".join(lines) + '{"step": 6, "lo')
-    assert checkpoint.trim_log(path, 10) == 1
+    assert logs.trim_log(path, 10) == 1
     assert path.read_text() == "".join(lines)
     assert not os.path.exists(str(path) + ".tmp")
-    assert checkpoint.trim_log(tmp_path / "absent.jsonl", 3) == 0
+    assert logs.trim_log(tmp_path / "absent.jsonl", 3) == 0
 
 
 def test_arg_differences_names_the_flags_that_changed():

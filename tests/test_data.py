@@ -1,4 +1,5 @@
-"""Tests for data.py: generators (checked by an independent solver), prompt texts, files, the CLI, bad input."""
+"""Tests for data.py, countdown.py and multiply.py: generators (checked by an independent solver), prompt texts, files,
+the CLI, bad input."""
 import doctest
 import json
 import os
@@ -9,8 +10,10 @@ from fractions import Fraction
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import chunks  # noqa: E402
 import countdown  # noqa: E402
 import data  # noqa: E402
+import multiply  # noqa: E402
 import rewards  # noqa: E402
 
 # TinyZero's prompt texts for numbers [44, 19, 35] and target 98, copied from its countdown.py / multiply.py.
@@ -54,7 +57,7 @@ def reachable(nums):
 
 
 def test_countdown_tasks_solvable_in_range():
-    tasks = data.make_countdown(300, seed=1)
+    tasks = countdown.make(300, seed=1)
     assert {len(t['numbers']) for t in tasks} == {3, 4}
     for t in tasks:
         assert 10 <= t['target'] <= 100 and all(1 <= x <= 99 for x in t['numbers'])
@@ -65,14 +68,14 @@ def test_countdown_tasks_solvable_in_range():
 
 def test_countdown_options_determinism_and_workers(monkeypatch):
     opts = dict(num_counts=(3,), num_range=(1, 9), target_range=(1, 20))
-    tasks = data.make_countdown(200, seed=5, **opts)
+    tasks = countdown.make(200, seed=5, **opts)
     for t in tasks:
         assert len(t['numbers']) == 3 and 1 <= t['target'] <= 20 and all(1 <= x <= 9 for x in t['numbers'])
         assert t['target'] in reachable(tuple(t['numbers']))
-    assert data.make_countdown(200, seed=5, **opts) == tasks
-    assert data.make_countdown(200, seed=6, **opts) != tasks
-    monkeypatch.setattr(data, 'CHUNK', 32)  # several chunks: a pool of 2 gives the serial result
-    assert data.make_countdown(100, seed=5, workers=2, **opts) == data.make_countdown(100, seed=5, workers=1, **opts)
+    assert countdown.make(200, seed=5, **opts) == tasks
+    assert countdown.make(200, seed=6, **opts) != tasks
+    monkeypatch.setattr(chunks, 'CHUNK', 32)  # several chunks: a pool of 2 gives the serial result
+    assert countdown.make(100, seed=5, workers=2, **opts) == countdown.make(100, seed=5, workers=1, **opts)
 
 
 def test_solve_finds_integer_solutions_only():
@@ -85,12 +88,12 @@ def test_solve_finds_integer_solutions_only():
 
 
 def test_multiply_tasks():
-    tasks = data.make_multiply(400, seed=0)  # TinyZero's mix: up to 3 digits, often fewer
+    tasks = multiply.make(400, seed=0)  # TinyZero's mix: up to 3 digits, often fewer
     assert all(0 <= t['a'] < 1000 and 0 <= t['b'] < 1000 and t['product'] == t['a'] * t['b'] for t in tasks)
     assert any(t['a'] < 100 for t in tasks) and any(t['a'] >= 100 for t in tasks)
-    exact = data.make_multiply(100, seed=0, digits=(2, 4), exact=True)
+    exact = multiply.make(100, seed=0, digits=(2, 4), exact=True)
     assert all(10 <= t['a'] <= 99 and 1000 <= t['b'] <= 9999 for t in exact)
-    assert data.make_multiply(50, seed=3) == data.make_multiply(50, seed=3)
+    assert multiply.make(50, seed=3) == multiply.make(50, seed=3)
 
 
 def test_splits_never_share_a_task():
@@ -110,17 +113,17 @@ def test_splits_never_share_a_task():
 
 def test_impossible_options_fail_fast():
     with pytest.raises(ValueError, match="no target"):
-        data.make_countdown(5, 0, num_counts=(3,), num_range=(1, 9), target_range=(10**6, 10**6 + 5))
+        countdown.make(5, 0, num_counts=(3,), num_range=(1, 9), target_range=(10**6, 10**6 + 5))
     with pytest.raises(ValueError, match="draws in a row"):  # reachable, but the only task is excluded
-        data.make_countdown(5, 0, num_counts=(1,), num_range=(5, 5), target_range=(5, 5),
-                            exclude={('countdown', 5, (5,))})
+        countdown.make(5, 0, num_counts=(1,), num_range=(5, 5), target_range=(5, 5),
+                       exclude={('countdown', 5, (5,))})
     with pytest.raises(ValueError, match="draws in a row"):  # e.g. a test set that uses up all 1x1-digit tasks
         data.make_splits('multiply', 10, 2000, seed=0, digits=(1, 1), exact=True)
     for bad in [dict(num_counts=(7,)), dict(num_range=(0, 9)), dict(target_range=(20, 10))]:
         with pytest.raises(ValueError, match="countdown:"):
-            data.make_countdown(5, 0, **bad)
+            countdown.make(5, 0, **bad)
     with pytest.raises(ValueError, match="digits"):
-        data.make_multiply(5, 0, digits=(0, 3))
+        multiply.make(5, 0, digits=(0, 3))
 
 
 def test_template_texts():
@@ -157,11 +160,11 @@ def test_template_texts():
 
 @pytest.mark.parametrize('ext', ['jsonl', 'parquet'])
 def test_round_trip(tmp_path, ext):
-    rows = [data.countdown_row(t, 'base', 'train', i) for i, t in enumerate(data.make_countdown(20, 0))]
+    rows = [data.countdown_row(t, 'base', 'train', i) for i, t in enumerate(countdown.make(20, 0))]
     data.write_rows(rows, tmp_path / f"train.{ext}")
     assert data.load_rows(tmp_path / f"train.{ext}") == rows
     assert data.find_split(tmp_path, 'train') == str(tmp_path / f"train.{ext}")
-    mrows = [data.multiply_row(t, 'chat', 'test', i) for i, t in enumerate(data.make_multiply(10, 0))]
+    mrows = [data.multiply_row(t, 'chat', 'test', i) for i, t in enumerate(multiply.make(10, 0))]
     data.write_rows(mrows, tmp_path / f"m.{ext}")
     assert data.load_rows(tmp_path / f"m.{ext}") == mrows
 
