@@ -10,6 +10,7 @@ import sys
 import time
 
 import cli
+from ppo import KL_ESTIMATORS, LOSS_AGG_MODES  # the names ppo.aggregate and ppo.kl_penalty know
 
 
 def die(msg):
@@ -80,7 +81,7 @@ flag("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay"
 flag("--grad-clip", type=NON_NEGATIVE, default=1.0, help="clip the global gradient norm to this (0: off)")
 flag("--clip-low", type=ZERO_TO_ONE, default=0.2, help="ratio clip: ratio >= 1 - clip_low")
 flag("--clip-high", type=NON_NEGATIVE, default=0.2, help="ratio clip: ratio <= 1 + clip_high (DAPO: 0.28)")
-flag("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean", "token-sum"], help="see ppo.aggregate")
+flag("--loss-agg", default="token-mean", choices=LOSS_AGG_MODES, help="see ppo.aggregate")
 flag("--tis-cap", type=NON_NEGATIVE, default=0.0, help="truncated importance sampling: weigh each token by "
      "min(pi_old / pi_sampler, cap), cap > 1 (0: off)")
 flag("--mask-truncated", action="store_true", help="leave truncated responses out of the loss")
@@ -102,7 +103,7 @@ flag("--kl-target", type=POSITIVE, default=0.1, help="adaptive KL: target per to
 flag("--kl-horizon", type=POSITIVE_INT, default=10000, help="adaptive KL: horizon in samples")
 flag = parser.add_argument_group("GRPO and PRIME").add_argument
 flag("--no-std-scale", action="store_true", help="do not divide by the group's std (Dr. GRPO)")
-flag("--kl-estimator", default="k3", choices=["k1", "k2", "k3"], help="the KL loss estimator (ppo.kl_penalty)")
+flag("--kl-estimator", default="k3", choices=KL_ESTIMATORS, help="the KL loss estimator (ppo.kl_penalty)")
 flag("--prm-beta", type=POSITIVE, default=0.05, help="PRIME: implicit reward beta * log(pi_prm / pi_ref)")
 flag("--prm-lr", type=RATE, default="auto", help="PRIME: the PRM's learning rate; auto: --lr's")
 flag = parser.add_argument_group("validation and logs").add_argument

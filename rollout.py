@@ -154,8 +154,10 @@ def rollout_step(engine, tokenizer, split, step, args, rank, world):
         rounds += 1
         k = max(1, want - int(has_signal(scores, args.group_size).sum()))
         more = np.random.default_rng([args.seed, step, rank, rounds]).choice(len(split), k).tolist()
-        p, sa, sc, sec = sample_rows(engine, tokenizer, split, more, args, seed + rounds)
-        prompts, samples, scores, seconds, extra = prompts + p, samples + sa, scores + sc, seconds + sec, extra + k
+        more_prompts, more_samples, more_scores, more_seconds = sample_rows(engine, tokenizer, split, more, args,
+                                                                           seed + rounds)
+        prompts, samples, scores = prompts + more_prompts, samples + more_samples, scores + more_scores
+        seconds, extra = seconds + more_seconds, extra + k
     if not args.dynamic_sampling:
         return prompts, samples, scores, seconds, {}
     chosen, n_flat = pick_groups(scores, args.group_size, want)

@@ -28,6 +28,7 @@ import cli
 import data
 import evaluate
 import flags
+import logs
 import memory
 import passes
 import pretrain
@@ -286,13 +287,13 @@ def save_checkpoint(step):
         checkpoint.prune(ckpt_root, args.keep_checkpoints)
 
 
-wandb = checkpoint.start_wandb(args.wandb, vars(args)) if master and args.wandb else None
+wandb = logs.start_wandb(args.wandb, vars(args)) if master and args.wandb else None
 
 
-def log(m):
+def log(metrics):
     """One line per step, with the wall time so far: stdout, OUT/metrics.jsonl and wandb (rank 0)."""
     if master:
-        checkpoint.log(metrics_path, {**m, "elapsed": time.time() - T_START}, wandb)
+        logs.log(metrics_path, {**metrics, "elapsed": time.time() - T_START}, wandb)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ from tqdm import tqdm  # noqa: E402 (the progress bar)
 
 skipped_steps = 0  # in a row, every update of the step skipped
 if master and resume_dir:
-    checkpoint.trim_log(metrics_path, start_step)  # the lines of steps after the checkpoint are redone
+    logs.trim_log(metrics_path, start_step)  # the lines of steps after the checkpoint are redone
 elif master and os.path.exists(metrics_path):
     os.remove(metrics_path)  # a fresh run starts a fresh log
 if args.eval_every and start_step == 0:
@@ -338,27 +339,29 @@ for step in bar:
     # 5. metrics, validation, checkpoint: sums over ranks, then means ------------------------------------------
     # peak memory of a rank: the accelerator's on GPU, the process's resident set on CPU
     mem = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tot = allreduce({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
-                     "len": sum(len(x["token_ids"]) for x in samples), "trunc": sum(x["truncated"] for x in samples),
-                     **algo_stats, **dynamic_stats})
-    n = tot["n"]
-    m = {"step": step + 1, "reward_mean": tot["reward"] / n, "acc": tot["acc"] / n, "response_len": tot["len"] / n,
-         "truncated_frac": tot["trunc"] / n, **allreduce({"mem_peak_gib": mem / 2**30}, op=dist.ReduceOp.MAX),
-         **{k: tot[k] / world for k in (*algo_stats, *dynamic_stats)}, "skipped_updates": skipped,  # ranks' means
-         **tally.over_ranks(allreduce), "lr": policy_schedule.get_last_lr()[0], "time_generate": t1 - t0 - time_reward,
-         "time_reward": time_reward, "time_logprob": t2 - t1, "time_update": t3 - t2, "time_sync": t4 - t3}
-    kl_coef = algo.next_kl_coef(kl_coef, m, args)  # PPO's adaptive controller; fixed elsewhere
+    totals = allreduce({"n": len(scores), "reward": sum(scores), "acc": sum(x == 1.0 for x in scores),
+                        "len": sum(len(x["token_ids"]) for x in samples),
+                        "trunc": sum(x["truncated"] for x in samples), **algo_stats, **dynamic_stats})
+    n = totals["n"]
+    metrics = {"step": step + 1, "reward_mean": totals["reward"] / n, "acc": totals["acc"] / n,
+               "response_len": totals["len"] / n, "truncated_frac": totals["trunc"] / n,
+               **allreduce({"mem_peak_gib": mem / 2**30}, op=dist.ReduceOp.MAX),
+               **{k: totals[k] / world for k in (*algo_stats, *dynamic_stats)},  # the ranks' means
+               "skipped_updates": skipped, **tally.over_ranks(allreduce), "lr": policy_schedule.get_last_lr()[0],
+               "time_generate": t1 - t0 - time_reward, "time_reward": time_reward, "time_logprob": t2 - t1,
+               "time_update": t3 - t2, "time_sync": t4 - t3}
+    kl_coef = algo.next_kl_coef(kl_coef, metrics, args)  # PPO's adaptive controller; fixed elsewhere
     if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-        m.update(evaluate.validate(engine, tokenizer, test, step + 1, args, allreduce))
-    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['acc']:.2f}")
-    log(m)  # before the checkpoint: a kill between the two redoes this step on resume, and trim_log drops its line
+        metrics.update(evaluate.validate(engine, tokenizer, test, step + 1, args, allreduce))
+    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['acc']:.2f}")
+    log(metrics)  # before the checkpoint: a kill between the two redoes this step on resume; trim_log drops its line
     if skipped_steps >= args.max_skipped_steps:
         die(f"{skipped_steps} steps in a row (to step {step + 1}) had a non-finite loss or gradient norm on every "
             "update, and were skipped; the weights and checkpoints are intact: lower --lr, or resume")
     if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
         save_checkpoint(step + 1)
-if master and checkpoint.plot_curves(metrics_path, os.path.join(args.out, "curves.png"),
-                                     [f"val_greedy_{k}" for k in aha.KEYS]):
+if master and logs.plot_curves(metrics_path, os.path.join(args.out, "curves.png"),
+                               [f"val_greedy_{k}" for k in aha.KEYS]):
     print(f"curves: {os.path.join(args.out, 'curves.png')}")
 rollout.close(engine)
 if dist.is_initialized():  # vLLM's shutdown may already have destroyed the group it shares

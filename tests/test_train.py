@@ -125,7 +125,7 @@ def assert_same_metrics(a, b, what):
         assert same, f"{what}, step {a['step']}: {k} {x!r} (uninterrupted) != {y!r} (resumed)"
 
 
-def assert_same_weights(dir_a, dir_b):
+def assert_same_weights(dir_a, dir_b, atol=1e-7):
     """Every *.safetensors under dir_a (the policy, and the critic/ of PPO) equals its twin under dir_b."""
     from safetensors.torch import load_file
     files = sorted(os.path.relpath(p, dir_a) for p in glob.glob(os.path.join(dir_a, "**", "*.safetensors"),
@@ -135,7 +135,7 @@ def assert_same_weights(dir_a, dir_b):
         ta, tb = load_file(os.path.join(dir_a, rel)), load_file(os.path.join(dir_b, rel))
         assert ta.keys() == tb.keys(), rel
         for k in ta:
-            same = torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-7)
+            same = torch.allclose(ta[k], tb[k], rtol=1e-5, atol=atol)
             assert same, f"{rel}:{k} differs by {(ta[k] - tb[k]).abs().max().item():.3g} between the two runs"
     return files
 
@@ -255,8 +255,12 @@ def test_keep_gathered_changes_no_number(tmp_path):
     assert len(on) == len(off) == 2 and on[-1]["grad_norm"] > 0
     for a, b in zip(on, off):
         assert_same_metrics(a, b, "--keep-gathered on vs off")
+    # The two sum a mini-batch's gradients in another order (one reduce-scatter of the micro-batches' sum, or a sum
+    # of reduce-scatters): float rounding, which AdamW's first steps (about lr * sign(g)) amplify where g is near 0.
+    # Measured 2.7e-7 on an Intel Xeon (2026-12-04), the same before and after the algorithm-module refactor,
+    # against steps of up to lr = 1.5e-4: atol 1e-6 is 0.7% of one step.
     files = assert_same_weights(str(tmp_path / "on" / "checkpoints" / "step_2"),
-                                str(tmp_path / "off" / "checkpoints" / "step_2"))
+                                str(tmp_path / "off" / "checkpoints" / "step_2"), atol=1e-6)
     assert any(f.startswith("critic") for f in files)
 
 
@@ -276,8 +280,12 @@ def test_groups_of_equal_scores_are_skipped_without_changing_a_number(tmp_path):
     for a, b in zip(skip, every):
         for k in ("reward_mean", "response_len", "pg_loss", "grad_norm"):
             assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-7), (a["step"], k, a[k], b[k])
-    assert_same_weights(str(tmp_path / "skip" / "checkpoints" / "step_2"), str(tmp_path / "all" / "checkpoints" /
-                                                                               "step_2"))
+    # The live rows are packed into other micro-batches (other matrix shapes: other summation orders), and AdamW's
+    # first steps (about lr * sign(g)) amplify that rounding where a gradient is near 0: measured 1.3e-6 on an Intel
+    # Xeon (2026-12-04), the same before and after the algorithm-module refactor (and with a 1e-20 bonus), against
+    # steps of up to lr = 1.5e-4: atol 5e-6 is 3% of one step.
+    assert_same_weights(str(tmp_path / "skip" / "checkpoints" / "step_2"),
+                        str(tmp_path / "all" / "checkpoints" / "step_2"), atol=5e-6)
 
 
 @pytest.mark.slow
