@@ -13,6 +13,18 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 
+def prepare(model, trainable, grad_checkpointing=False):
+    """A loaded model as the trainer runs it: no KV cache; trainable in train mode (transformers' checkpointed layers
+    recompute only when self.training: from_pretrained returns eval mode; Qwen's dropout is 0, so nothing else
+    changes) with --grad-checkpointing's recomputation; frozen (the reference) in eval mode without gradients."""
+    model.config.use_cache = False
+    if not trainable:
+        return model.requires_grad_(False).eval()
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
 def entropy_from_logits(logits):
     """Entropy [B, T] of softmax(logits [B, T, V]): logsumexp(z) - sum softmax(z) * z.
 

@@ -81,6 +81,8 @@ def generate(engine, prompts, *, n, temperature, top_p, max_tokens, seed, eos_to
     also ends where its text first contains one of the `stop` strings (the hf engine decodes with `tokenizer`)."""
     if temperature == 0 and n != 1:
         raise ValueError("greedy decoding (temperature 0) gives n identical samples: use n=1")
+    if engine.get("asleep"):  # on GPU vLLM would wait forever on its paused scheduler: fail here, on CPU too
+        raise RuntimeError("rollout.generate: the engine is asleep (rollout.sleep); rollout.sync_weights wakes it")
     if engine["kind"] == "vllm":
         return _generate_vllm(engine, prompts, n, temperature, top_p, max_tokens, seed, list(stop))
     return _generate_hf(engine["model"], prompts, n, temperature, top_p, max_tokens, seed,
@@ -318,7 +320,9 @@ def full_weights(model, dtype):
 
 
 def sync_weights(engine, model):
-    """Copy the trainer's weights into the engine. Collective: every rank calls it after each update."""
+    """Copy the trainer's weights into the engine and wake it: the one way back from sleep(). Collective: every rank
+    calls it after each step, also after one whose updates were all skipped (sleep dropped the engine's weights)."""
+    engine["asleep"] = False
     if engine["kind"] == "hf":  # in place, one gathered parameter at a time
         own = engine["model"].state_dict()
         for name, t in full_weights(model, engine["model"].dtype):
@@ -342,6 +346,8 @@ def close(engine):
 
 
 def sleep(engine):
-    """On GPU, free the engine's memory (weights and KV cache) for training; sync_weights wakes it."""
+    """On GPU, free the engine's memory (weights and KV cache) for training; sync_weights wakes it. The engine is
+    marked asleep everywhere (vLLM's sleep is a no-op on CPU), so that generate() refuses it on CPU as on GPU."""
+    engine["asleep"] = True
     if engine["kind"] == "vllm" and engine["cuda"]:
         engine["llm"].sleep(level=2)  # level 2 drops the weights too: sync_weights reloads them anyway

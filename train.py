@@ -147,12 +147,7 @@ autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not cuda and dtyp
 
 def load_model(path, trainable, build=AutoModelForCausalLM.from_pretrained, dtype=torch.float32):
     """build(path) on the device (fp32 master weights; a frozen reference: the run's dtype), sharded by FSDP2."""
-    model = build(path, dtype=dtype).to(device)
-    if trainable and args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.config.use_cache = False
-    if not trainable:
-        model.requires_grad_(False).eval()
+    model = passes.prepare(build(path, dtype=dtype).to(device), trainable, args.grad_checkpointing)
     for layer in model.model.layers:  # one FSDP unit per decoder layer: gathered just in time, then the root
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not args.keep_gathered)
     return fully_shard(model, mesh=mesh, mp_policy=mp_policy)
@@ -331,10 +326,9 @@ for step in bar:
     # 3. update: the algorithm's loss, epochs x mini-batches x micro-batches ------------------------------------
     tally, skipped = update(batch)
     t3 = time.time()
-    # 4. weight sync: the engine samples the next batch with the new weights ---------------------------------
-    skipped_steps = skipped_steps + 1 if skipped == updates_per_step else 0
-    if not skipped_steps:  # a step whose updates were all skipped left the weights as they were
-        rollout.sync_weights(engine, policy)
+    # 4. weight sync: the engine wakes and samples the next batch with the new weights -------------------------
+    skipped_steps = skipped_steps + 1 if skipped == updates_per_step else 0  # all skipped: the weights as they were
+    rollout.sync_weights(engine, policy)  # even so: on GPU the engine's sleep dropped its copy
     t4 = time.time()
     # 5. metrics, validation, checkpoint: sums over ranks, then means ------------------------------------------
     # peak memory of a rank: the accelerator's on GPU, the process's resident set on CPU

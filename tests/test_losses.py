@@ -528,6 +528,34 @@ def _tiny_lm(vocab=50):
                                         max_position_embeddings=128)).eval()
 
 
+def test_grad_checkpointing_recomputes_in_train_mode():
+    """passes.prepare puts a trainable model in train mode, where transformers' checkpointed layers recompute in
+    backward: a packed pass keeps fewer tensors for backward, with the same gradients. In eval mode (what
+    from_pretrained returns, where train.py used to leave the policy) --grad-checkpointing changed nothing."""
+    batch = _packed_batch()
+
+    def saved_bytes_and_grads(model):
+        saved = [0]
+
+        def keep(x):
+            saved[0] += x.numel() * x.element_size()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
+            logp = passes.response_logprobs(model, batch, 1.0)
+        logp.sum().backward()
+        return saved[0], torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    plain, grads = saved_bytes_and_grads(passes.prepare(_tiny_lm(), trainable=True))
+    recomputed, grads_recomputed = saved_bytes_and_grads(passes.prepare(_tiny_lm(), True, grad_checkpointing=True))
+    eval_mode = _tiny_lm()
+    eval_mode.gradient_checkpointing_enable()
+    assert recomputed < 0.7 * plain and close(grads_recomputed, grads, atol=1e-6)
+    assert saved_bytes_and_grads(eval_mode.eval())[0] == plain  # the old path: nothing recomputed
+    frozen = passes.prepare(_tiny_lm(), trainable=False)
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
 def test_packed_logprobs_equal_each_sequence_alone():
     """The specification of the packed pass: each sequence's log-probs and entropy are those of a forward over
     that sequence alone, unpadded (prompts and responses of different lengths, so both paddings occur)."""

@@ -176,3 +176,25 @@ def test_a_response_ends_where_its_text_first_holds_a_stop_string(kind, tmp_path
             assert (c["token_ids"], c["truncated"]) == (ids, w["truncated"])
             assert c["logprobs"] == pytest.approx(w["logprobs"], abs=1e-5)
     assert n_stopped >= 4, f"only {n_stopped} of {len(whole)} responses wrote </answer>: the test shows nothing"
+
+
+def test_a_sleeping_engine_refuses_to_generate_until_synced(tmp_path):
+    """rollout.sleep marks the engine asleep on every machine (vLLM's sleep is a no-op on CPU): generate() refuses
+    it, where on GPU vLLM would wait forever on its paused scheduler (the hang after a step whose updates were all
+    skipped, when train.py synced only after an applied update); sync_weights, the one way back, wakes it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, REPO)
+    import pretrain
+    import rollout
+    path = str(tmp_path / "m")
+    pretrain.build_tiny_model(path)
+    engine = rollout.make_engine("hf", path, dtype=torch.float32, device=torch.device("cpu"), max_model_len=64,
+                                 seed=0)
+    kw = dict(n=2, temperature=1.0, top_p=1.0, max_tokens=3, seed=0, eos_token_id=0, pad_token_id=0)
+    assert len(rollout.generate(engine, [[1, 2]], **kw)) == 2
+    rollout.sleep(engine)
+    with pytest.raises(RuntimeError, match="asleep"):
+        rollout.generate(engine, [[1, 2]], **kw)
+    rollout.sync_weights(engine, AutoModelForCausalLM.from_pretrained(path))
+    assert len(rollout.generate(engine, [[1, 2]], **kw)) == 2
