@@ -149,30 +149,102 @@ def batch_values(critic, batch, budget, autocast=contextlib.nullcontext()):
     return _whole_batch(lambda mb: critic_values(critic, mb, autocast), critic, batch, budget)
 
 
+class _HeadLogprobs(torch.autograd.Function):
+    """The LM head and the log-probs of given tokens (and the entropy) from hidden states [N, H], in chunks of rows,
+    recomputed in backward: no [N, V] tensor is kept for backward, only the hidden states (the weight is the
+    model's). Each chunk is what the plain path computes on its rows, so one chunk (N * V <= CHUNK_LOGITS: every
+    CPU run of ours) gives the plain path's numbers to the bit; more chunks sum the weight's gradient in parts."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy):
+        # the chunk's logits under the forward's autocast (CPU bf16), repeated in backward
+        ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        ctx.temperature, ctx.with_entropy, ctx.has_bias = temperature, with_entropy, bias is not None
+        ctx.save_for_backward(hidden, weight, bias, tokens)
+        out = torch.zeros(len(hidden), 2, device=hidden.device)  # [N, 2]: log-prob, entropy
+        for rows, logits in _head_chunks(hidden, weight, bias, ctx.autocast):
+            z = logits.float() if temperature == 1.0 else logits.float() / temperature  # [n, V]
+            out[rows, 0] = z.gather(-1, tokens[rows, None])[:, 0] - torch.logsumexp(z, dim=-1)
+            if with_entropy:
+                out[rows, 1] = entropy_from_logits(z)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, tokens = ctx.saved_tensors
+        grad_hidden, grad_weight = torch.zeros_like(hidden), torch.zeros_like(weight, dtype=torch.float32)
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.has_bias else None
+        for rows, logits in _head_chunks(hidden, weight, bias, ctx.autocast):
+            with torch.enable_grad():  # d out / d logits by autograd on the chunk alone, as the plain path's
+                logits = logits.detach().requires_grad_()
+                z = logits.float() if ctx.temperature == 1.0 else logits.float() / ctx.temperature
+                logp = z.gather(-1, tokens[rows, None])[:, 0] - torch.logsumexp(z, dim=-1)
+                value = (logp * grad_out[rows, 0]).sum()
+                if ctx.with_entropy and grad_out[rows, 1].any():
+                    value = value + (entropy_from_logits(z) * grad_out[rows, 1]).sum()
+                (grad_logits,) = torch.autograd.grad(value, logits)                      # [n, V]
+            grad_hidden[rows] = grad_logits.mm(weight).to(hidden.dtype)                    # [n, H]
+            grad_weight += grad_logits.t().mm(hidden[rows].to(grad_logits.dtype)).float()  # [V, H]
+            if grad_bias is not None:
+                grad_bias += grad_logits.float().sum(0)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None
+
+
+CHUNK_LOGITS = 2**26  # logits a chunk of the LM head holds (256 MiB in float32)
+
+
+def _head_chunks(hidden, weight, bias, autocast):
+    """(row indices, logits [n, V]) of hidden's rows in chunks of at most CHUNK_LOGITS logits, under autocast."""
+    n = max(1, CHUNK_LOGITS // weight.shape[0])
+    for start in range(0, len(hidden), n):
+        rows = torch.arange(start, min(start + n, len(hidden)), device=hidden.device)
+        with contextlib.ExitStack() as stack:
+            for device, dtype in autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            yield rows, torch.nn.functional.linear(hidden[start:start + n], weight, bias)
+
+
+@contextlib.contextmanager
+def _head_returns_logprobs(model, tokens, temperature, with_entropy):
+    """Within: model's LM head computes no logits; it returns _HeadLogprobs of its input instead ([1, N, 2]). Hooks,
+    not a new module, so that FSDP2 gathers the head's weight as for any forward and the model's state is as it was."""
+    head, hidden = model.get_output_embeddings(), []
+
+    def take_hidden(module, args):
+        hidden.append(args[0])
+        return (args[0][:, :0],)  # the head's own matmul on no rows
+
+    def logprobs(module, args, output):
+        out = _HeadLogprobs.apply(hidden.pop()[0], module.weight, module.bias, tokens, temperature, with_entropy)
+        return out[None]
+
+    handles = [head.register_forward_pre_hook(take_hidden), head.register_forward_hook(logprobs)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def response_logprobs(model, batch, temperature, autocast=contextlib.nullcontext(), with_entropy=False,
                       entropy_grad=False):
     """Log-probs [B, T] of the response tokens under softmax(logits / temperature) (and entropy [B, T]); 0 on
     padding. One packed forward pass (pack()); the LM head runs only on the N positions that predict a response
-    token (logits_to_keep), so the only vocabulary-sized tensors are [N, V]: the logits, and their float32
-    tempered copy z, which autograd keeps. log p(y) = z[y] - logsumexp(z), without a [N, V] log-softmax. The
-    entropy is computed without autograd (and in chunks) unless entropy_grad: only an entropy bonus needs its
-    gradient. autocast wraps the forward only; the softmax runs in float32.
+    token (logits_to_keep), in chunks of rows that backward recomputes (_HeadLogprobs): no [N, V] tensor is kept
+    for backward (8192 tokens x Qwen's 151,936 would be 4.6 GiB in float32). log p(y) = z[y] - logsumexp(z), z
+    the float32 logits / temperature. The entropy carries a gradient only with entropy_grad (an entropy bonus).
+    autocast wraps the forward (and the head's recomputation); the softmax runs in float32.
     """
     ids, positions, mask, index, rows, cols = pack(batch)
-    with autocast:
-        logits = model(input_ids=ids, position_ids=positions, attention_mask=mask, logits_to_keep=index,
-                       use_cache=False).logits[0]
-    z = logits.float() if temperature == 1.0 else logits.float() / temperature
     tokens, shape = batch["response_ids"][rows, cols], batch["response_ids"].shape
-    logp = _unpack(z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1), rows, cols, shape)
+    with autocast, _head_returns_logprobs(model, tokens, temperature, with_entropy):
+        out = model(input_ids=ids, position_ids=positions, attention_mask=mask, logits_to_keep=index,
+                    use_cache=False).logits[0]                                                  # [N, 2]
+    logp = _unpack(out[:, 0], rows, cols, shape)
     if not with_entropy:
         return logp
-    if entropy_grad:
-        return logp, _unpack(entropy_from_logits(z), rows, cols, shape)
-    with torch.no_grad():  # chunks of <= 2^26 logits: no [N, V] temporaries of the softmax
-        chunk = max(1, 2**26 // z.shape[-1])
-        entropy = torch.cat([entropy_from_logits(c) for c in z.detach().split(chunk)])
-    return logp, _unpack(entropy, rows, cols, shape)
+    return logp, _unpack(out[:, 1] if entropy_grad else out[:, 1].detach(), rows, cols, shape)
 
 
 def critic_values(critic, batch, autocast=contextlib.nullcontext()):

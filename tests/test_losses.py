@@ -599,6 +599,41 @@ def test_a_shared_prompt_gives_the_same_gradients():
     assert all(close(a, b, atol=1e-5) for a, b in zip(grads[0][1], grads[1][1]))
 
 
+def test_lm_head_in_chunks_keeps_no_vocabulary_sized_tensor(monkeypatch):
+    """Qwen's vocabulary (151,936 tokens), 600 positions, a head with a bias, temperature 0.7, in 3 chunks of rows:
+    the log-probs, the entropy and every gradient equal the plain computation's (the [N, V] logits through autograd),
+    and what is kept for backward is the hidden states and the head (0.36 GB of float32 logits in the plain path)."""
+    V, H, N = 151_936, 16, 600
+    monkeypatch.setattr(passes, "CHUNK_LOGITS", 250 * V)  # rows 0-249, 250-499, 500-599
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(N, H, generator=g), 0.5 * torch.randn(V, H, generator=g), torch.randn(V, generator=g)]
+    tokens, weights = torch.randint(0, V, (N,), generator=g), torch.rand(N, 2, generator=g)  # d loss / d out
+
+    def plain(hidden, weight, bias):
+        z = torch.nn.functional.linear(hidden, weight, bias).float() / 0.7
+        return torch.stack([z.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(z, -1),
+                            passes.entropy_from_logits(z)], -1)
+
+    results = []
+    for fn in (plain, lambda h, w, b: passes._HeadLogprobs.apply(h, w, b, tokens, 0.7, True)):
+        inputs, saved = [x.clone().requires_grad_() for x in leaves], [0]
+
+        def keep(x):
+            saved[0] += x.numel() * x.element_size()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
+            out = fn(*inputs)
+        (out * weights).sum().backward()
+        results.append((out.detach(), [x.grad for x in inputs], saved[0]))
+    (out_plain, grads_plain, saved_plain), (out_chunked, grads_chunked, saved_chunked) = results
+    assert close(out_chunked, out_plain, atol=1e-5)
+    for a, b in zip(grads_chunked, grads_plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    head = (N * H + V * H + V) * 4 + N * 8  # hidden, weight, bias (float32), tokens (int64)
+    assert saved_plain > N * V * 4 and saved_chunked == head
+
+
 def test_entropy_has_a_gradient_only_when_asked():
     batch = _packed_batch()
     model = _tiny_lm()
