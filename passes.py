@@ -1,7 +1,8 @@
-"""The trainer's passes, shared by every algorithm and forked by none: a micro-batch's sequences packed end to end
-(pack), micro-batches that every rank runs as many of (micro_batches), FSDP2's two toggles between them
-(sync_after_backward), the log-prob and entropy pass (response_logprobs) and the critic's value pass (critic_values),
-each also forward only over a whole batch (batch_logprobs, batch_values), and the update's statistics (Tally).
+"""The trainer's passes, shared by every algorithm and forked by none: a loaded model made ready (prepare), a
+micro-batch's sequences packed end to end (pack), micro-batches that every rank runs as many of (micro_batches),
+FSDP2's two toggles between them (sync_after_backward), the log-prob and entropy pass (response_logprobs, its LM head
+in chunks recomputed in backward: _HeadLogprobs) and the critic's value pass (critic_values), each also forward only
+over a whole batch (batch_logprobs, batch_values), and the update's statistics (Tally).
 
 Tensors are response-only [B, T] (B sequences, T = padded response length) unless said otherwise, as in ppo.py.
 """
@@ -34,7 +35,6 @@ def entropy_from_logits(logits):
     """
     z = logits - logits.max(dim=-1, keepdim=True).values.detach()
     return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
-
 
 
 def pack(batch):
