@@ -16,7 +16,6 @@ import resource
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
