@@ -198,17 +198,20 @@ def prune(root, keep):
     return gone
 
 
-# The process group's timeout (NCCL's default: 10 minutes): while rank 0 writes a checkpoint, the other ranks wait at
-# a barrier, and a 3B PPO checkpoint (policy, critic, both optimizers: ~75 GB) can take longer than that to write.
+# While rank 0 writes a checkpoint (or, at start-up, hashes the ones to resume from), the other ranks wait in a
+# collective, and a 3B PPO checkpoint (policy, critic, both optimizers: ~75 GB) can take longer than NCCL's default
+# timeout (10 minutes). Those collectives, and only those, run in a group of their own with this timeout
+# (train.py's disk_waits): any other desync still shows within the backend's default.
 SAVE_TIMEOUT = datetime.timedelta(hours=1)
 
 
-def save_training(final_dir, trained, tokenizer, state, info):
+def save_training(final_dir, trained, tokenizer, state, info, wait_group=None):
     """Collective: a checkpoint of the training at final_dir, written whole or not at all (save()): the policy as
     a transformers folder (model.safetensors, config, tokenizer), optimizer.pt, trainer_state.pt (`state`, each
     schedule, every rank's RNG), and any other trained model in a folder of its name with NAME_optimizer.pt (PPO's
     critic in critic/, PRIME's PRM in prm/). trained: train.py's [(model, optimizer, schedule, name)], the policy
-    ("policy") first. info goes to the manifest (the run's flags).
+    ("policy") first. info goes to the manifest (the run's flags). The other ranks wait for rank 0's writing in
+    wait_group (one with SAVE_TIMEOUT; None: the default group).
     Writes nothing and returns False when any rank holds a weight that is not finite; True once written."""
     bad = sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()  # this rank's shards
               for model, *_ in trained for p in model.parameters())
@@ -233,7 +236,7 @@ def save_training(final_dir, trained, tokenizer, state, info):
 
     if dist.get_rank() == 0:
         save(final_dir, write, info)
-    dist.barrier()  # the checkpoint exists for every rank once this returns
+    dist.barrier(group=wait_group)  # the checkpoint exists for every rank once this returns
     return True
 
 

@@ -78,7 +78,8 @@ except OSError as e:
 
 if cuda:
     torch.cuda.set_device(device)
-dist.init_process_group("nccl" if cuda else "gloo", timeout=checkpoint.SAVE_TIMEOUT)
+dist.init_process_group("nccl" if cuda else "gloo")  # the backend's default timeout (NCCL: 10 minutes), except in
+disk_waits = dist.new_group(timeout=checkpoint.SAVE_TIMEOUT)  # the collectives that wait on rank 0's disk
 mesh = init_device_mesh(device.type, (world,))
 ckpt_root, metrics_path = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "metrics.jsonl")
 
@@ -95,7 +96,7 @@ def once_per_node(make):
 # Rank 0 locks OUT for the run's life (one trainer per OUT) and, with --resume, picks the newest whole checkpoint
 # of this run; every rank learns the outcome before anything heavy happens.
 claim = [checkpoint.claim(args.out, vars(args), flags.RUN_DEFINING) if master else None]
-dist.broadcast_object_list(claim, src=0)
+dist.broadcast_object_list(claim, src=0, group=disk_waits)  # rank 0 may hash a large checkpoint meanwhile
 problem, resume_dir, start_step = claim[0]
 if problem:
     die(problem)
@@ -275,7 +276,7 @@ def update(batch):
 def save_checkpoint(step):
     """OUT/checkpoints/step_N, whole or absent whatever happens meanwhile; never with weights that are not finite."""
     if not checkpoint.save_training(os.path.join(ckpt_root, f"step_{step}"), trained, tokenizer,
-                                    {"step": step, "kl_coef": kl_coef}, {"step": step, "args": vars(args)}):
+                                    {"step": step, "kl_coef": kl_coef}, {"step": step, "args": vars(args)}, disk_waits):
         die(f"step {step}: the weights are not finite; not saved (the newest checkpoint is intact)")
     if master:
         checkpoint.prune(ckpt_root, args.keep_checkpoints)

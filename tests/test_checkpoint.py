@@ -251,3 +251,43 @@ def test_arg_differences_names_the_flags_that_changed():
     assert checkpoint.arg_differences(saved, now, ["algo", "lr", "kv_cache_gib", "stop", "new_flag"]) == [
         "--algo: saved 'grpo', now 'ppo'", "--kv-cache-gib: saved 1, now 2", "--new-flag: saved (not recorded), now 0"]
     assert checkpoint.arg_differences(saved, saved, list(saved)) == []
+
+
+def _save_slowly(rank, world, port, folder, out):
+    """A 2-rank FSDP2 checkpoint whose writing (rank 0) takes 4 s, in a world whose default timeout is 2 s."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=2))
+    wait_group = dist.new_group(timeout=datetime.timedelta(seconds=60))
+    model = fully_shard(AutoModelForCausalLM.from_pretrained(folder), mesh=init_device_mesh("cpu", (world,)))
+    optimizer = torch.optim.AdamW(model.parameters())
+    trained = [(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), "policy")]
+    write = checkpoint.save
+    checkpoint.save = lambda *a, **kw: (time.sleep(4), write(*a, **kw))  # a disk slower than the default timeout
+    try:
+        out[rank] = checkpoint.save_training(os.path.join(folder, "ckpt", "step_1"), trained,
+                                             AutoTokenizer.from_pretrained(folder), {"step": 1}, {"step": 1},
+                                             wait_group)
+    except Exception as e:  # noqa: BLE001 (reported to the test)
+        out[rank] = f"{type(e).__name__}: {e}"
+    dist.destroy_process_group()
+
+
+def test_only_the_wait_for_rank_0s_disk_has_the_long_timeout(tmp_path):
+    """train.py keeps the backend's default timeout for every collective but those that wait on rank 0's disk
+    (disk_waits, SAVE_TIMEOUT): a write that outlasts the default (here 4 s against 2 s) completes on both ranks,
+    and the checkpoint is whole."""
+    import pretrain
+    import torch.multiprocessing as mp
+    from cli import free_port
+    folder = str(tmp_path / "m")
+    pretrain.build_tiny_model(folder)
+    out = mp.Manager().dict()
+    mp.spawn(_save_slowly, args=(2, free_port(), folder, out), nprocs=2)
+    assert out[0] is True and out[1] is True, dict(out)
+    assert checkpoint.verify(os.path.join(folder, "ckpt", "step_1")) is None
