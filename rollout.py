@@ -148,13 +148,14 @@ def rollout_step(engine, tokenizer, split, step, args, rank, world):
     prompts, samples, scores, seconds = sample_rows(engine, tokenizer, split, idx, args, seed)
     want, rounds, extra = len(prompts), 0, 0
     while rounds < args.dynamic_sampling:
-        short = torch.tensor([float(int(has_signal(scores, args.group_size).sum()) < want)],
+        n_signal = int(has_signal(scores, args.group_size).sum())
+        short = torch.tensor([float(n_signal < want)],
                              device="cuda" if torch.cuda.is_available() else "cpu")  # nccl reduces CUDA tensors
         torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
         if not short.item():
             break
         rounds += 1
-        k = max(1, want - int(has_signal(scores, args.group_size).sum()))
+        k = max(1, want - n_signal)
         more = np.random.default_rng([args.seed, step, rank, rounds]).choice(len(split), k).tolist()
         more_prompts, more_samples, more_scores, more_seconds = sample_rows(engine, tokenizer, split, more, args,
                                                                            seed + rounds)
